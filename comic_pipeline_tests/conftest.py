@@ -1,0 +1,72 @@
+"""Shared pytest fixtures. Each section belongs to the module it serves; append, don't rewrite."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pytest
+
+
+# --- Stage 3 store fixtures (comic_pipeline.store) --------------------------------------------
+PADDING_JUNK = 1e3  # what padded slots hold in these fixtures: readers must zero it
+
+
+def random_comic_arrays(
+    rng: np.random.Generator,
+    *,
+    n_pages: int,
+    max_panels: int,
+    dim: int,
+    max_boxes: int = 0,
+    dtype: str = "float32",
+    modalities: tuple[str, ...] = ("fused", "visual", "text", "caption"),
+) -> dict[str, np.ndarray]:
+    """Native-layout arrays of one comic: random prefix masks, junk in every padded slot."""
+    n_panels = rng.integers(1, max_panels + 1, size=n_pages)  # (pages,) >= 1 each
+    panel_mask = np.arange(max_panels)[None, :] < n_panels[:, None]  # (pages, P)
+
+    def embeddings(shape: tuple[int, ...], valid: np.ndarray) -> np.ndarray:
+        values = rng.normal(size=shape).astype(dtype)
+        values[~valid] = PADDING_JUNK
+        return values
+
+    arrays = {"panel_mask": panel_mask}
+    names = {"fused": "panel_embeddings", "visual": "visual", "caption": "caption"}
+    for modality, name in names.items():
+        if modality in modalities:
+            arrays[name] = embeddings((n_pages, max_panels, dim), panel_mask)
+    if "text" in modalities:
+        if max_boxes < 1:
+            raise ValueError("random_comic_arrays: text needs max_boxes >= 1")
+        n_boxes = rng.integers(0, max_boxes + 1, size=(n_pages, max_panels))  # (pages, P)
+        text_mask = (np.arange(max_boxes)[None, None, :] < n_boxes[:, :, None]) & panel_mask[:, :, None]
+        arrays["text_mask"] = text_mask
+        arrays["text"] = embeddings((n_pages, max_panels, max_boxes, dim), text_mask)
+    return arrays
+
+
+@pytest.fixture
+def make_comic_arrays() -> Callable[..., dict[str, np.ndarray]]:
+    """random_comic_arrays(rng, n_pages=, max_panels=, dim=, max_boxes=, dtype=, modalities=)."""
+    return random_comic_arrays
+
+
+@pytest.fixture
+def tiny_native_store(tmp_path) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
+    """A native Stage 3 store with 3 comics and all modalities (dim 8, P 4, B 3).
+
+    Returns (url, {comic_id: arrays as written}).
+    """
+    from comic_pipeline import store
+
+    url = str(tmp_path / "stage3.zarr")
+    store.create_native_store(url, dim=8, max_panels=4, max_boxes=3)
+    rng = np.random.default_rng(0)
+    written = {}
+    for index, comic_id in enumerate(["alpha", "beta", "gamma"]):
+        arrays = random_comic_arrays(rng, n_pages=3 + index, max_panels=4, dim=8, max_boxes=3)
+        store.write_native_comic(url, comic_id, title=comic_id.title(), arrays=arrays,
+                                 page_ids=[f"{comic_id}-p{page}" for page in range(3 + index)])
+        written[comic_id] = arrays
+    return url, written
