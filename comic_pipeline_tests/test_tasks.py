@@ -1,0 +1,314 @@
+"""Task generation rules (DESIGN §4): splits, distractors, labels, reading order, seeding."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from comic_pipeline import corpus, tasks
+from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, load_task_dataset, save_task_dataset
+
+CONFIG = dataclasses.replace(corpus.SIZES["tiny"], n_comics=30)
+DISTRACTOR_TASKS = ("sequence_filling", "visual_closure", "text_closure", "caption_relevance", "text_cloze")
+TEXT_OPTION_TASKS = ("text_closure", "text_cloze")
+
+
+@pytest.fixture(scope="module")
+def features():
+    return corpus.corpus_features(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def split_of(features):
+    ids = sorted(set(features.comic_ids))
+    return {comic: SPLITS[i % 3] for i, comic in enumerate(ids)}  # every split has 10 comics
+
+
+@pytest.fixture(scope="module")
+def datasets(features, split_of):
+    return {task: tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=3))
+            for task in TASK_NAMES}
+
+
+@pytest.fixture(scope="module")
+def easy_datasets(features, split_of):
+    config = tasks.TaskConfig(seed=3, distractors="easy")
+    return {task: tasks.generate_task(task, features, split_of, config) for task in DISTRACTOR_TASKS}
+
+
+def all_samples(dataset):
+    """Every split's samples with a `split` field added."""
+    parts = [dict(fields, split=np.full(dataset.n_samples(s), s)) for s, fields in dataset.splits.items()
+             if dataset.n_samples(s)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def option_content(dataset, features, refs):
+    """(N, K, X) what each option shows: a panel's fused vector, or its whole text for text options."""
+    P = features.max_panels
+    rows, slots = refs // P, refs % P
+    if dataset.task in TEXT_OPTION_TASKS:
+        text = features.text * features.text_mask[..., None]
+        return text[rows, slots].reshape(*refs.shape, -1)
+    return features.fused[rows, slots]
+
+
+# --- splits -------------------------------------------------------------------------------------
+def test_assign_splits_is_stable_per_comic_and_roughly_proportional():
+    ids = [f"comic-{i}" for i in range(3000)]
+    splits = tasks.assign_splits(ids)
+    assert set(splits.values()) == set(SPLITS)
+    # a comic keeps its split whatever else exists, and in any order
+    assert tasks.assign_splits(ids[:7][::-1]) == {c: splits[c] for c in ids[:7]}
+    assert all(tasks.assign_splits([c])[c] == splits[c] for c in ids[:50])
+    shares = np.array([sum(v == s for v in splits.values()) for s in SPLITS]) / len(ids)
+    np.testing.assert_allclose(shares, [0.8, 0.1, 0.1], atol=0.03)
+    assert tasks.assign_splits(ids[:200], salt="other") != {c: splits[c] for c in ids[:200]}
+    assert set(tasks.assign_splits(ids[:100], fractions=(0, 0, 1)).values()) == {"test"}
+    with pytest.raises(ValueError, match="fractions"):
+        tasks.assign_splits(ids, fractions=(0.5, 0.5))
+
+
+def test_no_comic_in_two_splits_and_samples_follow_their_comic(datasets, split_of):
+    for task, dataset in datasets.items():
+        seen = {}
+        for split, fields in dataset.splits.items():
+            comics = set(dataset.comic_ids[fields["page"]]) if dataset.n_samples(split) else set()
+            assert all(split_of[c] == split for c in comics), task
+            for c in comics:
+                assert seen.setdefault(c, split) == split, f"{task}: {c} in two splits"
+        assert sum(dataset.attrs["samples"].values()) > 50, task
+
+
+# --- distractors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("policy", ["hard", "easy"])
+def test_distractors_come_from_the_same_split_and_the_policy_source(datasets, easy_datasets, policy, split_of):
+    chosen = datasets if policy == "hard" else easy_datasets
+    for task in DISTRACTOR_TASKS:
+        dataset = chosen[task]
+        s = all_samples(dataset)
+        P = dataset.max_panels
+        rows = s["options"] // P
+        answer_row = np.take_along_axis(rows, s["label"][:, None].astype(int), axis=1)[:, 0]
+        is_distractor = np.arange(rows.shape[1])[None] != s["label"][:, None]
+        option_split = np.vectorize(split_of.get)(dataset.comic_ids[rows])
+        assert (option_split == s["split"][:, None]).all(), f"{task}: an option from another split"
+        same_comic = dataset.comic_ids[rows] == dataset.comic_ids[s["page"]][:, None]
+        assert (answer_row == s["page"]).all(), task  # the answer is on the context page
+        if task == "text_cloze":
+            hard = s["variant"] == 1
+            assert hard.any() and (~hard).any()
+            assert same_comic[hard][is_distractor[hard]].all()
+            assert not same_comic[~hard][is_distractor[~hard]].any()
+            page_gap = np.abs(dataset.page_numbers[rows] - dataset.page_numbers[s["page"]][:, None])
+            assert (page_gap[hard][is_distractor[hard]] <= dataset.attrs["hard_page_window"]).all()
+            assert (page_gap[hard][is_distractor[hard]] >= 1).all()
+        elif policy == "hard":
+            assert same_comic[is_distractor].all(), task
+            other_page = rows != s["page"][:, None]
+            assert other_page[is_distractor].all(), f"{task}: a distractor from the context page"
+        else:
+            assert not same_comic[is_distractor].any(), task
+
+
+def test_answer_never_visible_in_the_context(datasets):
+    for task in DISTRACTOR_TASKS + ("character_coherence",):
+        s = all_samples(datasets[task])
+        P = datasets[task].max_panels
+        answer = np.take_along_axis(s["options"], s["label"][:, None].astype(int), axis=1)[:, 0]
+        answer_slot = answer % P
+        assert not (s["context"] == answer_slot[:, None]).any(), f"{task}: answer slot in the context"
+        if task == "sequence_filling":
+            mask_at = np.argmax(s["context"] == MASK, axis=1)
+            assert ((s["context"] == MASK).sum(axis=1) == 1).all()
+            np.testing.assert_array_equal(mask_at, answer_slot)  # the mask stands where it was
+        if task == "caption_relevance":
+            assert (s["context"] == PAD).all()
+            np.testing.assert_array_equal(s["caption_of"], answer - 1)  # the caption of panel s
+        if task in TEXT_OPTION_TASKS:
+            np.testing.assert_array_equal(s["option_visual"], answer)
+        if task == "text_cloze":
+            first = s["context"][:, 0].astype(int)
+            np.testing.assert_array_equal(s["context"][:, :3], first[:, None] + np.arange(3))
+            np.testing.assert_array_equal(first + 3, answer_slot)
+            assert (s["context"][:, 3:] == PAD).all()
+        if task in ("visual_closure", "text_closure", "character_coherence"):
+            n_context = (s["context"] != PAD).sum(axis=1)
+            np.testing.assert_array_equal(n_context, answer_slot)  # panels 1..s, then s+1
+
+
+def duplicated_features(features):
+    """Features in which some panels of one page reappear (same content) on other pages."""
+    copy = dataclasses.replace(features, fused=features.fused.copy(), text=features.text.copy(),
+                               text_mask=features.text_mask.copy())
+    rows = np.flatnonzero(features.comic_ids == features.comic_ids[0])
+    for target in rows[1:]:
+        copy.fused[target, 1] = copy.fused[rows[0], 0]  # repeated panel, e.g. a recap
+        copy.fused[target, 2] = copy.fused[rows[0], 1]
+        copy.text[target, 1] = copy.text[rows[0], 0]
+        copy.text_mask[target, 1] = copy.text_mask[rows[0], 0]
+    return copy
+
+
+@pytest.mark.parametrize("task", DISTRACTOR_TASKS)
+def test_no_distractor_equals_the_answer_or_the_context_nor_another_option(task, features, split_of):
+    dup = duplicated_features(features)
+    for policy in ("hard", "easy"):
+        dataset = tasks.generate_task(task, dup, split_of, tasks.TaskConfig(seed=1, distractors=policy))
+        s = all_samples(dataset)
+        P = dataset.max_panels
+        options = s["options"]
+        K = options.shape[1]
+        # by reference
+        assert all(len(set(row)) == K for row in options.tolist()), "duplicate option refs"
+        # by content: no two options look the same
+        content = option_content(dataset, dup, options)  # (N, K, X)
+        same = (content[:, :, None] == content[:, None, :]).all(axis=-1)
+        assert same.sum() == same.shape[0] * K, f"{task}/{policy}: two options with equal content"
+        # and no option looks like a context panel
+        context = s["context"].astype(int)
+        in_context = context >= 0
+        if task == "caption_relevance":
+            context = (s["caption_of"] % P)[:, None]
+            in_context = np.ones_like(context, dtype=bool)
+        ctx_refs = s["page"][:, None].astype(np.int64) * P + np.maximum(context, 0)
+        ctx_content = option_content(dataset, dup, ctx_refs)
+        equal = (content[:, :, None] == ctx_content[:, None, :]).all(axis=-1) & in_context[:, None, :]
+        if task in TEXT_OPTION_TASKS:  # silent context panels have no text to be equal to
+            equal &= dup.text_mask[s["page"][:, None], np.maximum(context, 0), 0][:, None, :]
+        assert not equal.any(), f"{task}/{policy}: an option equals a context panel"
+
+
+def test_the_answer_position_is_uniform_and_uncorrelated(features, split_of):
+    for task in DISTRACTOR_TASKS + ("character_coherence",):
+        dataset = tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=5, samples_per_page=8))
+        s = all_samples(dataset)
+        K = dataset.attrs["n_options"]
+        label = s["label"].astype(int)
+        counts = np.bincount(label, minlength=K)
+        expected = len(label) / K
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 25, f"{task}: label counts {counts}"  # df <= 4: p < 1e-4 only if biased
+        answer = np.take_along_axis(s["options"], label[:, None], axis=1)[:, 0]
+        for name, other in (("slot", answer % dataset.max_panels), ("page", s["page"])):
+            r = np.corrcoef(label, other)[0, 1]
+            assert abs(r) < 4 / np.sqrt(len(label)), f"{task}: label correlates with {name} (r={r:.3f})"
+
+
+# --- reading order ---------------------------------------------------------------------------------
+def test_reading_order_input_carries_no_trace_of_the_true_order(datasets, features):
+    dataset = datasets["reading_order"]
+    for fields in dataset.splits.values():
+        assert set(fields) == {"page", "order"}  # the order array is the only place the truth lives
+    s = all_samples(dataset)
+    order = s["order"].astype(int)
+    n_panels = features.panel_mask.sum(axis=1)[s["page"]]
+    valid = np.arange(order.shape[1])[None] < n_panels[:, None]
+    np.testing.assert_array_equal(order != PAD, valid)
+    for row, n in zip(order, n_panels):
+        assert sorted(row[:n]) == list(range(n))  # a permutation of the page's panels
+    # Kendall tau of input position vs true slot: ~0 on average
+    i, j = np.triu_indices(order.shape[1], k=1)
+    pair = valid[:, i] & valid[:, j]
+    concordance = np.sign(order[:, j] - order[:, i]) * pair
+    tau = concordance.sum(axis=1) / pair.sum(axis=1)
+    assert abs(tau.mean()) < 4 * tau.std() / np.sqrt(len(tau))
+    assert np.mean([np.array_equal(r[:n], np.arange(n)) for r, n in zip(order, n_panels)]) < 0.05
+    assert 0 < dataset.attrs["chance"] < 0.2
+
+
+# --- structure, seeding, skipping -------------------------------------------------------------
+def test_character_coherence_offers_the_true_and_the_swapped_box_order(datasets, features):
+    s = all_samples(datasets["character_coherence"])
+    assert (s["options"][:, 0] == s["options"][:, 1]).all()
+    P = features.max_panels
+    n_boxes = features.text_mask.sum(axis=2)[s["options"][:, 0] // P, s["options"][:, 0] % P]
+    assert (n_boxes >= 2).all()
+    B = features.max_boxes
+    true = np.where(np.arange(B)[None] < n_boxes[:, None], np.arange(B)[None], PAD)
+    label = s["label"].astype(int)
+    np.testing.assert_array_equal(s["box_order"][np.arange(len(label)), label], true)
+    wrong = s["box_order"][np.arange(len(label)), 1 - label]
+    np.testing.assert_array_equal(wrong[:, :2], true[:, [1, 0]])
+    np.testing.assert_array_equal(wrong[:, 2:], true[:, 2:])
+
+
+def test_same_seed_same_arrays_other_seed_other_arrays(features, split_of, datasets):
+    for task in TASK_NAMES:
+        again = tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=3))
+        other = tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=4))
+        for split, fields in datasets[task].splits.items():
+            for name, array in fields.items():
+                np.testing.assert_array_equal(array, again.splits[split][name], err_msg=f"{task}/{name}")
+        assert any(not np.array_equal(a, other.splits["train"].get(name))
+                   for name, a in datasets[task].splits["train"].items()), task
+
+
+def test_a_fused_only_store_skips_the_tasks_it_cannot_make(split_of):
+    fused_only = corpus.corpus_features(corpus.with_modalities(CONFIG, ["fused"]))
+    made = {}
+    for task in TASK_NAMES:
+        try:
+            made[task] = tasks.generate_task(task, fused_only, split_of)
+        except tasks.TaskSkipped as skipped:
+            assert "needs" in skipped.reason and "fused" in skipped.reason
+            made[task] = None
+    assert {t for t, d in made.items() if d is None} == {"text_closure", "caption_relevance",
+                                                         "character_coherence", "text_cloze"}
+    for task in ("sequence_filling", "visual_closure", "reading_order"):
+        assert made[task].n_samples("train") > 0
+
+
+def test_pages_too_short_or_silent_are_skipped_not_padded(features, split_of):
+    short = dataclasses.replace(features, panel_mask=features.panel_mask.copy(),
+                                text_mask=features.text_mask.copy())
+    short.panel_mask[::2, 1:] = False  # every other page has a single panel
+    short.text_mask[1::4] = False  # and some pages have no text at all
+    one_panel, silent = np.arange(short.n_pages)[::2], np.arange(short.n_pages)[1::4]
+    for task in TASK_NAMES:
+        dataset = tasks.generate_task(task, short, split_of)
+        s = all_samples(dataset)
+        assert not np.isin(s["page"], one_panel).any(), f"{task} used a one-panel page"
+        if task in ("text_closure", "text_cloze", "character_coherence"):
+            assert not np.isin(s["page"], silent).any(), f"{task} used a page without text"
+            P = dataset.max_panels
+            refs = s["option_visual"] if "option_visual" in s else s["options"][:, 0]
+            assert short.text_mask[refs // P, refs % P, 0].all()
+        if task in DISTRACTOR_TASKS:
+            P = dataset.max_panels
+            assert short.panel_mask[s["options"] // P, s["options"] % P].all()  # no padded option
+            if task in TEXT_OPTION_TASKS:
+                assert short.text_mask[s["options"] // P, s["options"] % P, 0].all()
+
+
+def test_bad_input_raises_naming_the_problem(features, split_of):
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.generate_task("panel_poetry", features, split_of)
+    partial = dict(split_of)
+    partial.pop("demo-0004")
+    with pytest.raises(ValueError, match="demo-0004"):
+        tasks.generate_task("visual_closure", features, partial)
+    with pytest.raises(ValueError, match="holdout"):
+        tasks.generate_task("visual_closure", features, {**split_of, "demo-0001": "holdout"})
+    with pytest.raises(ValueError, match="distractors"):
+        tasks.TaskConfig(distractors="medium")
+    with pytest.raises(ValueError, match="samples_per_page"):
+        tasks.TaskConfig(samples_per_page=0)
+
+
+def test_options_and_samples_per_page_are_configurable(features, split_of):
+    config = tasks.TaskConfig(n_options={"visual_closure": 3}, samples_per_page={"visual_closure": 1})
+    dataset = tasks.generate_task("visual_closure", features, split_of, config)
+    s = all_samples(dataset)
+    assert s["options"].shape[1] == 3 and dataset.attrs["chance"] == pytest.approx(1 / 3)
+    assert len(np.unique(s["page"])) == len(s["page"])  # one sample per page
+
+
+def test_datasets_round_trip_through_the_schema_file(datasets, tmp_path):
+    dataset = datasets["text_cloze"]
+    save_task_dataset(str(tmp_path / "text_cloze.npz"), dataset)
+    loaded = load_task_dataset(str(tmp_path / "text_cloze.npz"))
+    assert loaded.attrs == dataset.attrs
+    for split, fields in dataset.splits.items():
+        for name, array in fields.items():
+            np.testing.assert_array_equal(loaded.splits[split][name], array)
