@@ -1,0 +1,312 @@
+"""Throughput and memory of the contextualized-embedding writer (Stage 4 -> Stage 5 store).
+
+Figures (one table):
+  (a) pages/s end to end (read a Stage 3 store -> encode -> write Zarr) vs bare encode of the
+      same batches on features already in memory, and their ratio, in one run;
+  (b) peak RSS while embed_and_write runs over 1x and 10x the number of comics, each in a
+      fresh subprocess, and the growth ratio (target < 1.2x: memory must not grow with the
+      corpus); resident set sampled every 5 ms during the run;
+  (c) hook for the Dagster overhead of a 200-comic backfill vs pure compute: this script measures
+      the pure-compute half (backfill_pure_compute_seconds); the Dagster half is registered in
+      DAGSTER_BACKFILL_HOOK by the Dagster layer's benchmark.
+
+Encoder: the real SequenceModel (random init, eval mode) through training.embed_pages when
+comic_pipeline.model/training exist — the "demo" preset on the whole corpus and the "full" preset
+(512/6/8) on a few comics for (a), "demo" for (b) and (c) — else a fixed random projection; the
+table says which. (a) is best-of-3 interleaved rounds, since a shared machine slows both alike.
+
+    .venv/bin/python benchmarks/bench_embeddings.py [--base-comics N] [--batch-pages B]
+        [--presets demo,full] [--full-comics 24] [--backfill-comics 200] [--projection] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from comic_pipeline import embedding_store  # noqa: E402
+from comic_pipeline.schema import PageFeatures  # noqa: E402
+
+
+# --- Stage 3 input --------------------------------------------------------------------------
+def write_stage3_store(url: str, n_comics: int | None) -> tuple[list[str], str]:
+    """The demo corpus (scaled to n_comics) as a Stage 3 store; returns (comic ids, what it is).
+
+    Without comic_pipeline.corpus, a random fused-only store of the demo's rough shape."""
+    try:
+        from comic_pipeline import corpus
+    except ImportError:
+        return _write_random_stage3_store(url, n_comics or 100)
+    config = corpus.SIZES["demo"]
+    if n_comics is not None:
+        config = dataclasses.replace(config, n_comics=n_comics)
+    comic_ids = corpus.write_demo_store(url, config)
+    return list(comic_ids), f"demo corpus, {len(comic_ids)} comics"
+
+
+def _write_random_stage3_store(url: str, n_comics: int, dim: int = 64, max_panels: int = 16) -> tuple[list[str], str]:
+    from comic_pipeline import store
+
+    store.create_native_store(url, dim=dim, max_panels=max_panels, overwrite=True)
+    comic_ids = []
+    for index in range(n_comics):
+        rng = np.random.default_rng(index)  # comic i is the same whatever n_comics is
+        n_pages = int(rng.integers(10, 21))
+        n_panels = rng.integers(3, max_panels + 1, size=n_pages)
+        mask = np.arange(max_panels)[None, :] < n_panels[:, None]  # (pages, P)
+        fused = rng.normal(size=(n_pages, max_panels, dim)).astype(np.float32) * mask[:, :, None]
+        comic_id = f"rand-{index:04d}"
+        store.write_native_comic(url, comic_id, page_ids=[f"p{i:03d}" for i in range(n_pages)], title=comic_id,
+                                 arrays={"panel_embeddings": fused, "panel_mask": mask})
+        comic_ids.append(comic_id)
+    return comic_ids, f"random store (corpus.py absent), {n_comics} comics"
+
+
+def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
+                 limit: int | None = None) -> list[embedding_store.ComicInput]:
+    """Lazy inputs over a Stage 3 store, as the contextualized_embeddings asset builds them: each
+    load() validates its comic (content hash) and reads its features."""
+    from comic_pipeline.store import Stage3Store
+
+    store = Stage3Store.open(stage3_url)
+    return [embedding_store.ComicInput.from_reader(store.comic(comic_id), modalities)
+            for comic_id in store.comic_ids()[:limit]]
+
+
+# --- encoders ---------------------------------------------------------------------------------
+def build_encoder(stage3_url: str, force_projection: bool = False, preset: str = "demo"
+                  ) -> tuple[Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], frozenset[str] | None, str]:
+    """(encode, modalities to load, description). preset: the ModelConfig size."""
+    import torch
+
+    from comic_pipeline.store import Stage3Store
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+    stage3 = Stage3Store.open(stage3_url)
+    if not force_projection:
+        try:
+            from comic_pipeline import model as model_module
+            from comic_pipeline import training
+
+            modalities = tuple(sorted(stage3.modalities()))
+            config = model_module.ModelConfig.preset(
+                preset, dim=stage3.dim, max_panels=stage3.max_panels, max_boxes=stage3.max_boxes,
+                modalities=modalities,
+            )
+            torch.manual_seed(0)
+            sequence_model = model_module.SequenceModel(config).eval()
+
+            def encode(features: PageFeatures):
+                return training.embed_pages(sequence_model, features, device="cpu")
+
+            return encode, frozenset(modalities), (f"SequenceModel {preset} (d_model {config.d_model}, "
+                                                  f"{config.n_layers} layers), random init, CPU")
+        except (ImportError, AttributeError, TypeError) as error:
+            reason = f"model unavailable: {type(error).__name__}: {error}"[:80]
+    else:
+        reason = "forced"
+    projection = np.random.default_rng(0).normal(size=(stage3.dim, 256)).astype(np.float32)
+    projection /= np.sqrt(stage3.dim)
+
+    def encode(features: PageFeatures):
+        panels = np.tanh(features.fused @ projection) * features.panel_mask[:, :, None]  # (n, P, 256)
+        counts = np.maximum(features.panel_mask.sum(1, keepdims=True), 1)  # (n, 1)
+        return panels, (panels.sum(1) / counts).astype(np.float32)  # (n, 256)
+
+    return encode, frozenset({"fused"}), f"fixed random projection {stage3.dim}->256 ({reason})"
+
+
+# --- (a) throughput ---------------------------------------------------------------------------
+def measure_throughput(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool,
+                       preset: str = "demo", limit: int | None = None, rounds: int = 3) -> dict:
+    encode, modalities, encoder_name = build_encoder(stage3_url, force_projection, preset)
+    inputs = comic_inputs(stage3_url, modalities, limit)
+    # bare encode: the same batches (pages of consecutive comics, batch_pages each) from memory
+    everything = PageFeatures.concatenate([comic.load() for comic in inputs])
+    n_pages = everything.n_pages
+    batches = [everything.select(slice(start, start + batch_pages)) for start in range(0, n_pages, batch_pages)]
+    encode(batches[0])  # warm-up (allocator, thread pool)
+    # interleaved rounds, best of each: other processes on a shared machine hit both alike
+    bare_seconds, end_to_end_seconds = [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for batch in batches:
+            encode(batch)
+        bare_seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        embedding_store.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
+                                        model_name="bench", model_version="0", mlflow_run_id=None)
+        end_to_end_seconds.append(time.perf_counter() - t0)
+    bare, end_to_end = min(bare_seconds), min(end_to_end_seconds)
+    return {
+        "encoder": encoder_name, "comics": len(inputs), "pages": n_pages,
+        "bare_pages_per_s": n_pages / bare, "end_to_end_pages_per_s": n_pages / end_to_end,
+        "ratio": bare / end_to_end,
+    }
+
+
+# --- (b) peak memory --------------------------------------------------------------------------
+def rss_worker(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool) -> None:
+    """Run in a fresh subprocess: embed a whole store, print memory figures as JSON.
+
+    peak_run_mb: the highest resident set size sampled every 5 ms while embed_and_write runs
+    (what grows with the corpus, if anything does); baseline_mb: resident set just before.
+    (Not ru_maxrss: on Linux it survives execve, so a child starts with its parent's peak.)"""
+    import threading
+
+    import psutil
+
+    process = psutil.Process()
+    encode, modalities, encoder_name = build_encoder(stage3_url, force_projection)
+    inputs = comic_inputs(stage3_url, modalities)
+    encode(inputs[0].load())  # warm-up, so the baseline includes the model's working set
+    baseline = process.memory_info().rss
+    peak = [baseline]
+    running = threading.Event()
+    running.set()
+
+    def sample() -> None:
+        while running.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    written = embedding_store.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
+                                              model_name="bench", model_version="0", mlflow_run_id=None)
+    running.clear()
+    sampler.join()
+    mb = 1024 * 1024
+    print(json.dumps({"encoder": encoder_name, "comics": len(written),
+                      "pages": sum(w.n_pages for w in written),
+                      "baseline_mb": baseline / mb, "peak_run_mb": max(peak[0], process.memory_info().rss) / mb}))
+
+
+def measure_peak_rss(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--rss-worker", stage3_url, out_url,
+               "--batch-pages", str(batch_pages)] + (["--projection"] if force_projection else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"RSS worker failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- (c) Dagster overhead hook ----------------------------------------------------------------
+# The Dagster layer's benchmark sets this to a function (stage3_url, out_url, comic_ids) ->
+# seconds that backfills the contextualized_embeddings partitions of comic_ids through Dagster.
+DAGSTER_BACKFILL_HOOK: Callable[[str, str, list[str]], float] | None = None
+
+
+def backfill_pure_compute_seconds(stage3_url: str, out_url: str, comic_ids: list[str],
+                                  batch_pages: int, force_projection: bool = False) -> float:
+    """Pure-compute twin of a per-comic backfill: what each partition run does, minus Dagster
+    (open the Stage 3 store, embed that one comic, write it), comic after comic."""
+    encode, modalities, _ = build_encoder(stage3_url, force_projection)
+    by_id = {comic.comic_id: comic for comic in comic_inputs(stage3_url, modalities)}
+    t0 = time.perf_counter()
+    for comic_id in comic_ids:
+        embedding_store.embed_and_write(out_url, [by_id[comic_id]], encode, batch_pages=batch_pages,
+                                        model_name="bench", model_version="0", mlflow_run_id=None)
+    return time.perf_counter() - t0
+
+
+# --- main -------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-comics", type=int, default=None,
+                        help="comics of the 1x corpus (default: the demo preset's)")
+    parser.add_argument("--batch-pages", type=int, default=64)
+    parser.add_argument("--backfill-comics", type=int, default=200)
+    parser.add_argument("--projection", action="store_true", help="use the random projection encoder")
+    parser.add_argument("--presets", default="demo,full",
+                        help="model presets for figure (a), comma-separated (b and c use demo)")
+    parser.add_argument("--full-comics", type=int, default=24,
+                        help="comics measured with the full-size model (it is slow on CPU)")
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-worker", nargs=2, metavar=("STAGE3_URL", "OUT_URL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_worker:
+        rss_worker(*args.rss_worker, args.batch_pages, args.projection)
+        return
+
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_embeddings_") as tmp:
+        base_url = os.path.join(tmp, "stage3_1x.zarr")
+        t0 = time.perf_counter()
+        base_ids, base_what = write_stage3_store(base_url, args.base_comics)
+        print(f"wrote {base_what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+        rows.append(("corpus (1x)", f"{base_what}; batches of {args.batch_pages} pages"))
+        presets = ["projection"] if args.projection else args.presets.split(",")
+        for preset in presets:
+            limit = args.full_comics if preset == "full" else None
+            throughput = measure_throughput(base_url, os.path.join(tmp, f"ctx_a_{preset}.zarr"), args.batch_pages,
+                                            args.projection, preset, limit)
+            rows += [
+                (f"(a) [{preset}] encoder", throughput["encoder"]),
+                (f"(a) [{preset}] pages", f"{throughput['pages']} pages of {throughput['comics']} comics"),
+                (f"(a) [{preset}] bare encode", f"{throughput['bare_pages_per_s']:,.0f} pages/s"),
+                (f"(a) [{preset}] end to end read->encode->write",
+                 f"{throughput['end_to_end_pages_per_s']:,.0f} pages/s"),
+                (f"(a) [{preset}] end-to-end / bare", f"{throughput['ratio']:.2f}"),
+            ]
+
+        if not args.skip_rss:
+            ten_url = os.path.join(tmp, "stage3_10x.zarr")
+            t0 = time.perf_counter()
+            _, ten_what = write_stage3_store(ten_url, 10 * len(base_ids))
+            print(f"wrote {ten_what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            one = measure_peak_rss(base_url, os.path.join(tmp, "ctx_b1.zarr"), args.batch_pages, args.projection)
+            ten = measure_peak_rss(ten_url, os.path.join(tmp, "ctx_b10.zarr"), args.batch_pages, args.projection)
+            growth = ten["peak_run_mb"] / one["peak_run_mb"]
+            for label, figures in (("1x", one), ("10x", ten)):
+                rows.append((f"(b) peak RSS during the run {label}",
+                             f"{figures['peak_run_mb']:.0f} MB ({figures['comics']} comics, {figures['pages']} pages; "
+                             f"{figures['baseline_mb']:.0f} MB before it)"))
+            rows.append(("(b) growth 10x / 1x", f"{growth:.2f}x (target < 1.2x); above the pre-run RSS: "
+                                                f"+{one['peak_run_mb'] - one['baseline_mb']:.0f} MB at 1x, "
+                                                f"+{ten['peak_run_mb'] - ten['baseline_mb']:.0f} MB at 10x"))
+
+        # comic i is the same at any corpus size, so the first N comics of the larger store
+        backfill_url = base_url
+        if len(base_ids) < args.backfill_comics:
+            backfill_url = os.path.join(tmp, "stage3_backfill.zarr")
+            if not args.skip_rss:
+                backfill_url = ten_url
+            else:
+                write_stage3_store(backfill_url, args.backfill_comics)
+        from comic_pipeline.store import Stage3Store
+
+        backfill_ids = Stage3Store.open(backfill_url).comic_ids()[: args.backfill_comics]
+        pure = backfill_pure_compute_seconds(backfill_url, os.path.join(tmp, "ctx_c.zarr"), backfill_ids,
+                                             args.batch_pages, args.projection)
+        rows.append((f"(c) backfill {len(backfill_ids)} comics, pure compute", f"{pure:.2f} s"))
+        if DAGSTER_BACKFILL_HOOK is not None:
+            dagster_seconds = DAGSTER_BACKFILL_HOOK(backfill_url, os.path.join(tmp, "ctx_d.zarr"), backfill_ids)
+            rows += [
+                (f"(c) backfill {len(backfill_ids)} comics, Dagster", f"{dagster_seconds:.2f} s"),
+                ("(c) Dagster overhead", f"{dagster_seconds / pure:.2f}x pure compute"),
+            ]
+        else:
+            rows.append(("(c) Dagster backfill", "not measured here (DAGSTER_BACKFILL_HOOK unset)"))
+
+    width = max(len(name) for name, _ in rows)
+    print(f"{'figure'.ljust(width)} | value")
+    print(f"{'-' * width}-+-{'-' * 40}")
+    for name, value in rows:
+        print(f"{name.ljust(width)} | {value}")
+
+
+if __name__ == "__main__":
+    main()
