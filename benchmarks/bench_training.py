@@ -1,0 +1,184 @@
+"""Training throughput: end-to-end multi-task steps vs a bare step of the same model.
+
+For each size, in one run and one process:
+  end-to-end  training.train() for a few steps: batches gathered from the task datasets by
+              TaskBatches, every task head + the strip objective, AdamW step, schedule, logging;
+  bare        the same model, losses and optimizer step on batches built ONCE beforehand
+              (no gathering), same batch shapes;
+and their ratio (target >= 0.8: the data path and bookkeeping cost under 20%). Each is run
+--repeats times, alternating, and the best rate of each is kept: on a shared machine other
+processes only ever slow a run down, so the best of a few is the cleanest figure.
+
+Sizes: "demo" (the demo corpus and model preset) and "full" (d_model 512, 6 layers, 8 heads,
+16 panels, D 512, on a smaller corpus: only a few steps). On CUDA both run under bf16 autocast
+and the table adds model FLOP utilisation: model FLOPs/s over a measured dense bf16 matmul rate.
+
+    .venv/bin/python benchmarks/bench_training.py [--sizes demo,full] [--steps N] [--repeats R]
+                                                  [--device auto] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from comic_pipeline import corpus, tasks  # noqa: E402
+from comic_pipeline.model import SequenceModel  # noqa: E402
+from comic_pipeline.schema import TASK_NAMES  # noqa: E402
+from comic_pipeline.training import (  # noqa: E402
+    TaskBatches, TrainConfig, _autocast, _optimizer, configure_cpu_threads, resolve_device, train,
+)
+
+SIZES = {
+    # corpus config, train config, steps (CPU default)
+    "demo": (corpus.SIZES["demo"], TrainConfig(preset="demo", batch_size=64), 30),
+    "full": (dataclasses.replace(corpus.SIZES["demo"], n_comics=24, dim=512, max_panels=16),
+             TrainConfig(preset="full", batch_size=32), 4),
+}
+
+
+def problem(corpus_config):
+    features = corpus.corpus_features(corpus_config)
+    split_of = tasks.assign_splits(list(dict.fromkeys(features.comic_ids)))
+    datasets = {name: tasks.generate_task(name, features, split_of, tasks.TaskConfig())
+                for name in TASK_NAMES}
+    # train split only: the benchmark times steps, not validation
+    for dataset in datasets.values():
+        dataset.splits = {"train": dataset.splits["train"]}
+    return features, {n: d for n, d in datasets.items() if d.n_samples("train")}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def end_to_end(config: TrainConfig, datasets, features, device: str, steps: int) -> tuple[float, object]:
+    config = dataclasses.replace(config, epochs=1, max_steps=steps, log_every=10**9, patience=None,
+                                 warmup_steps=1)
+    result = train(config, datasets, features, device=device, log=lambda line: None)
+    return result.samples_per_s, result
+
+
+def bare(config: TrainConfig, datasets, features, device: str, steps: int) -> float:
+    """Forward + backward + step of the same model on batches built once (no gathering)."""
+    torch_device, amp_dtype = resolve_device(device)
+    model_config = config.model_config(features)
+    batches = TaskBatches(datasets, features, device=torch_device, modalities=model_config.modalities)
+    torch.manual_seed(0)
+    model = SequenceModel(model_config).to(torch_device)
+    optimizer = _optimizer(model, config)
+
+    def first_samples(task: str) -> np.ndarray:
+        return np.arange(config.batch_size) % batches.n_samples(task, "train")
+
+    ready = {task: batches.batch(task, "train", first_samples(task))
+             for task in batches.tasks}  # built once: no gathering in the timed loop
+    pages = batches.page_rows("train")[: config.strip_batch_size or config.batch_size]
+    inputs, panel_mask = batches.pages(pages)
+    samples_per_step = config.batch_size * len(ready) + len(pages)
+
+    def step():
+        with _autocast(torch_device, amp_dtype):
+            total = sum(model.task_losses(task, batch)[0] for task, batch in ready.items())
+            total = total + model.strip_loss(inputs, panel_mask)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+
+    step()  # warm-up (allocator, kernels)
+    sync(torch_device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(torch_device)
+    return steps * samples_per_step / (time.perf_counter() - start)
+
+
+def model_flops_per_sample(model_config, n_tasks: int, batch_size: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one step, per sample of the step.
+
+    Per token through the Transformer: 6 * block params + 12 * layers * L * d (attention);
+    per option: 6 * panel-encoder params (options do not go through the Transformer)."""
+    d, layers, P = model_config.d_model, model_config.n_layers, model_config.max_panels
+    block_params = layers * (12 * d * d + 13 * d)
+    L = P + 1
+    per_token = 6 * block_params + 12 * layers * L * d
+    task_tokens = n_tasks * batch_size * L
+    strip_tokens = 2 * batch_size * P  # two views of each page
+    option_tokens = n_tasks * batch_size * 5 * 2  # K <= 5 options, up to 2 projections each
+    flops = (task_tokens + strip_tokens) * per_token + option_tokens * 6 * model_config.dim * d
+    return flops / (n_tasks * batch_size + batch_size)
+
+
+def dense_bf16_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="demo,full")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default per size)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs; the best is kept")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
+    args = parser.parse_args()
+    torch_device, amp_dtype = resolve_device(args.device)
+    threads = configure_cpu_threads(args.threads)
+    peak = dense_bf16_rate(torch_device) if torch_device.type == "cuda" else None
+
+    rows = []
+    for size in args.sizes.split(","):
+        corpus_config, config, default_steps = SIZES[size]
+        steps = args.steps or (default_steps if torch_device.type == "cpu" else 10 * default_steps)
+        features, datasets = problem(corpus_config)
+        e2e, bare_rate = 0.0, 0.0
+        for _ in range(args.repeats):
+            rate, result = end_to_end(config, datasets, features, args.device, steps)
+            e2e = max(e2e, rate)
+            bare_rate = max(bare_rate, bare(config, datasets, features, args.device, steps))
+        mc = result.model_config
+        row = {
+            "size": size, "device": f"{torch_device}" + (" bf16" if amp_dtype else " fp32"),
+            "threads": threads if torch_device.type == "cpu" else "-",
+            "model": f"d{mc.d_model} L{mc.n_layers} H{mc.n_heads} P{mc.max_panels} D{mc.dim}",
+            "params": f"{result.model.n_params() / 1e6:.2f}M",
+            "batch": f"{config.batch_size}x{len(result.tasks)} tasks + strip",
+            "steps": f"{steps}x{args.repeats}",
+            "e2e samples/s": f"{e2e:,.0f}", "bare samples/s": f"{bare_rate:,.0f}",
+            "ratio": f"{e2e / bare_rate:.2f}",
+        }
+        if peak is not None:
+            flops = model_flops_per_sample(mc, len(result.tasks), config.batch_size)
+            row["MFU e2e"] = f"{e2e * flops / peak:.1%}"
+            row["MFU bare"] = f"{bare_rate * flops / peak:.1%}"
+            row["matmul TFLOP/s"] = f"{peak / 1e12:.0f}"
+        rows.append(row)
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+if __name__ == "__main__":
+    main()
