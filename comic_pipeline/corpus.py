@@ -156,7 +156,11 @@ class CorpusConfig:
 
 SIZES: dict[str, CorpusConfig] = {
     # Tests: a couple of seconds for everything.
-    "tiny": CorpusConfig(n_comics=12, pages_min=6, pages_max=10, dim=32, max_boxes=3),
+    # Half the demo's noise, so that a tiny model learns every task from a few hundred pages in
+    # seconds and the pipeline tests can demand gates that a random model fails.
+    "tiny": CorpusConfig(n_comics=48, pages_min=6, pages_max=10, dim=32, max_boxes=3,
+                         action_noise=0.6, topic_noise=0.6, reply_noise=1.2, visual_noise=0.3,
+                         text_noise=0.3, caption_noise=0.3),
     # `make demo`: thousands of test samples per task; a small transformer trains in minutes.
     "demo": CorpusConfig(n_comics=160, pages_min=16, pages_max=32, dim=64, max_boxes=4),
 }

@@ -198,6 +198,21 @@ class TaskDataset:
     splits: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     attrs: dict[str, object] = field(default_factory=dict)  # seed, policy, K, chance, ...
 
+    def fingerprint(self) -> str:
+        """A short content hash of the samples, page table and attrs."""
+        import hashlib
+        import json
+
+        digest = hashlib.sha256(json.dumps([self.task, self.max_panels, self.attrs], sort_keys=True,
+                                           default=str).encode())
+        for array in (self.comic_ids, self.page_numbers):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        for split in sorted(self.splits):
+            for name in sorted(self.splits[split]):
+                digest.update(f"{split}/{name}".encode())
+                digest.update(np.ascontiguousarray(self.splits[split][name]).tobytes())
+        return digest.hexdigest()[:16]
+
     def n_samples(self, split: str) -> int:
         fields = self.splits.get(split) or {}
         return int(next(iter(fields.values())).shape[0]) if fields else 0

@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 64  # samples per task per step
     strip_batch_size: int | None = None  # pages per step for the strip objective (None = batch_size)
     epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps in all
+    max_steps: int | None = None  # stop after this many optimizer steps in all (0: untrained)
     loss_weights: dict[str, float] = field(default_factory=dict)  # task or "strip" -> weight (1.0)
     seed: int = 0
     patience: int | None = 3  # epochs without a better val mean accuracy before stopping
@@ -85,8 +85,9 @@ class TrainConfig:
         if (self.lr is not None and self.lr <= 0) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig: lr must be positive and warmup_steps >= 0, got "
                              f"lr={self.lr}, warmup_steps={self.warmup_steps}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"TrainConfig.max_steps must be positive or None, got {self.max_steps}")
+        if self.max_steps is not None and self.max_steps < 0:
+            # 0 is allowed: the model at its seeded initialization, a random-weights baseline
+            raise ValueError(f"TrainConfig.max_steps must be >= 0 or None, got {self.max_steps}")
         if not 0.0 < self.strip_keep_prob <= 1.0:
             raise ValueError(f"TrainConfig.strip_keep_prob must be in (0, 1], got {self.strip_keep_prob}")
         unknown = set(self.loss_weights) - set(TASK_NAMES) - {"strip"}

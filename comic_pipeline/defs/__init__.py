@@ -1,0 +1,1 @@
+"""The Dagster layer: assets, checks, resources, sensors, schedules. No numerics here."""

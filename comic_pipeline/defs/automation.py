@@ -1,0 +1,70 @@
+"""Automation: new comics become partitions (and get embedded), weekly retraining."""
+
+
+import dagster as dg
+
+from comic_pipeline.defs.embeddings import contextualized_embeddings, embeddings_made_by_champion
+from comic_pipeline.defs.evaluation import EVALUATION_KEYS, SUMMARY_KEY, champion_model, evaluation_assets
+from comic_pipeline.defs.resources import MLflowTracking, Stage3StoreResource
+from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
+from comic_pipeline.defs.tasks import TASK_KEYS, comic_splits
+from comic_pipeline.defs.training import sequence_model
+
+MAX_NEW_COMICS_PER_TICK = 25  # bounds the run queue when a whole store arrives at once
+
+
+@dg.sensor(
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=[stage3_panel_embeddings, contextualized_embeddings],
+    description=(
+        "Finds comics in the Stage 3 store that are not yet partitions of `comics`, adds them, and "
+        "requests one run per new comic that validates it and — once a champion model exists — "
+        "writes its contextualized embeddings. At most 25 new comics per tick."
+    ),
+)
+def new_comics_sensor(
+    context: dg.SensorEvaluationContext, stage3: Stage3StoreResource, mlflow_tracking: MLflowTracking
+):
+    if not stage3.exists():
+        return dg.SkipReason(f"No Stage 3 store at {stage3.store_url()} yet (materialize stage3_store "
+                             "to write the demo corpus, or configure COMIC_STAGE3_STORE).")
+    known = set(context.instance.get_dynamic_partitions(comics_partitions.name))
+    new = [comic_id for comic_id in stage3.open().comic_ids() if comic_id not in known]
+    if not new:
+        return dg.SkipReason("No new comics in the store.")
+    new = new[:MAX_NEW_COMICS_PER_TICK]
+    selection = [stage3_panel_embeddings.key]
+    if mlflow_tracking.tracking().champion_version() is not None:
+        selection.append(contextualized_embeddings.key)  # runs after validation in the same run
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(partition_key=comic_id, run_key=f"new-comic:{comic_id}", asset_selection=selection)
+            for comic_id in new
+        ],
+        dynamic_partitions_requests=[comics_partitions.build_add_request(new)],
+    )
+
+
+retraining_job = dg.define_asset_job(
+    "retraining_job",
+    selection=(
+        dg.AssetSelection.assets(comic_splits, *TASK_KEYS.values(), sequence_model,
+                                 *EVALUATION_KEYS.values(), SUMMARY_KEY, champion_model)
+        | dg.AssetSelection.checks_for_assets(evaluation_assets)
+        | dg.AssetSelection.checks(embeddings_made_by_champion)
+    ),
+    description="Splits -> tasks -> sequence_model -> evaluation -> champion (only through the "
+    "gates), then reports embeddings made by an older model as stale.",
+)
+
+weekly_retraining = dg.ScheduleDefinition(
+    name="weekly_retraining",
+    job=retraining_job,
+    cron_schedule="0 3 * * 1",
+    execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Mondays 03:00 UTC: regenerate splits and tasks from every validated comic, "
+    "retrain, evaluate, and promote the new model if it passes the quality gates. Turn it on in "
+    "the UI (Automation -> weekly_retraining) or with `dagster schedule start weekly_retraining`.",
+)

@@ -1,0 +1,125 @@
+"""Resources (each defined once) and the executor. Immutable: configuration in, handles out."""
+
+
+import os
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from comic_pipeline import home
+from comic_pipeline.tracking import Tracking
+
+STAGE3_STORE_ENV = "COMIC_STAGE3_STORE"
+STAGE3_METADATA_ENV = "COMIC_STAGE3_METADATA"
+PROFILE_ENV = "COMIC_PIPELINE_PROFILE"
+
+
+def profile() -> str:
+    """`demo` (default) or `tiny`: chooses the demo corpus size and the model preset defaults."""
+    value = os.environ.get(PROFILE_ENV, "demo")
+    if value not in ("demo", "tiny"):
+        raise ValueError(f"{PROFILE_ENV}={value!r}: expected 'demo' or 'tiny'")
+    return value
+
+
+class PipelineStorage(dg.ConfigurableResource):
+    """The home folder every run writes into (task datasets, checkpoints, stores, MLflow)."""
+
+    home: Optional[str] = Field(
+        default=None,
+        description="Folder or fsspec URL; default $COMIC_PIPELINE_HOME or .comic_pipeline/ in "
+        "the checkout.",
+    )
+
+    contextualized_store: Optional[str] = Field(
+        default=None,
+        description="Path or fsspec URL of the contextualized-embedding zarr; default "
+        "<home>/contextualized.zarr.",
+    )
+
+    def root(self) -> str:
+        return (self.home or home.default_home()).rstrip("/")
+
+    def contextualized_url(self) -> str:
+        return self.contextualized_store or home.contextualized_store_url(self.root())
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root(), *parts])
+
+
+class Stage3StoreResource(dg.ConfigurableResource):
+    """Where the Stage 3 embeddings are. Unset: the demo corpus in the home folder."""
+
+    storage: dg.ResourceDependency[PipelineStorage]
+    url: Optional[str] = Field(
+        default=None,
+        description=f"Path or fsspec URL of the Stage 3 zarr; default ${STAGE3_STORE_ENV}, else the "
+        "generated demo store in the home folder.",
+    )
+    metadata_url: Optional[str] = Field(
+        default=None,
+        description=f"Legacy layout only: the JSON row list; default ${STAGE3_METADATA_ENV}.",
+    )
+
+    def store_url(self) -> str:
+        return self.url or os.environ.get(STAGE3_STORE_ENV) or home.demo_store_url(self.storage.root())
+
+    def is_demo(self) -> bool:
+        return not (self.url or os.environ.get(STAGE3_STORE_ENV))
+
+    def open(self):
+        from comic_pipeline.store import Stage3Store
+
+        return Stage3Store.open(
+            self.store_url(), self.metadata_url or os.environ.get(STAGE3_METADATA_ENV) or None
+        )
+
+    def exists(self) -> bool:
+        from comic_pipeline import fileio
+
+        return fileio.exists(self.store_url())
+
+
+class TorchDevice(dg.ConfigurableResource):
+    """The accelerator: `auto` takes CUDA (bf16 autocast) when present, else the CPU."""
+
+    device: str = Field(default="auto", description="auto, cpu or cuda:N")
+
+
+class MLflowTracking(dg.ConfigurableResource):
+    """MLflow tracking + model registry (our own small resource over MLflow's API)."""
+
+    storage: dg.ResourceDependency[PipelineStorage]
+    tracking_uri: Optional[str] = Field(
+        default=None,
+        description="sqlite:///... or http(s)://server; default sqlite:///<home>/mlflow.db",
+    )
+    experiment_name: str = "comic_pipeline"
+    registered_model_name: str = "comic-sequence-model"
+    ui_url: Optional[str] = Field(default=None, description="An MLflow UI for run links, if any.")
+
+    def tracking(self) -> Tracking:
+        root = self.storage.root()
+        return Tracking(
+            tracking_uri=self.tracking_uri or home.mlflow_tracking_uri(root),
+            experiment_name=self.experiment_name,
+            registered_model_name=self.registered_model_name,
+            artifact_root=None if self.tracking_uri else home.mlflow_artifact_root(root),
+            ui_url=self.ui_url,
+        )
+
+
+def build_resources(storage: PipelineStorage | None = None) -> dict[str, dg.ConfigurableResource]:
+    storage = storage or PipelineStorage()
+    return {
+        "storage": storage,
+        "stage3": Stage3StoreResource(storage=storage),
+        "torch_device": TorchDevice(),
+        "mlflow_tracking": MLflowTracking(storage=storage),
+    }
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(resources=build_resources(), executor=dg.multiprocess_executor)

@@ -1,0 +1,165 @@
+"""MLflow tracking and registry, over MLflow's own API (no dagster import here).
+
+One MLflow run per training materialization; evaluation logs into the same run; the registry alias
+`champion` names the model version that downstream embeddings use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+CHAMPION_ALIAS = "champion"
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow tracking cannot be reached: training must not run untracked."""
+
+
+@dataclass(frozen=True)
+class Tracking:
+    tracking_uri: str
+    experiment_name: str
+    registered_model_name: str
+    artifact_root: str | None = None  # where a new experiment keeps its artifacts
+    ui_url: str | None = None  # an MLflow UI serving this tracking store, for links
+
+    def client(self):
+        import mlflow
+
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def ensure_reachable(self) -> None:
+        """Raise TrackingUnavailable with the URI and the cause when MLflow cannot be used."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # Fail fast instead of MLflow's minutes of retries against a dead server.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if self.tracking_uri.startswith("sqlite:///"):
+            folder = os.path.dirname(self.tracking_uri[len("sqlite:///"):])
+            os.makedirs(folder or ".", exist_ok=True)
+        try:
+            self.client().search_experiments(max_results=1)
+        except Exception as error:  # any failure here means "untracked": refuse
+            raise TrackingUnavailable(
+                f"MLflow tracking at {self.tracking_uri!r} is unreachable ({type(error).__name__}: "
+                f"{error}); refusing to train untracked. Start the tracking server or fix the "
+                "tracking_uri of the mlflow resource."
+            ) from error
+
+    def experiment_id(self) -> str:
+        client = self.client()
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(self.experiment_name, artifact_location=self.artifact_root)
+        except Exception:  # created concurrently by another process
+            experiment = client.get_experiment_by_name(self.experiment_name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str, tags: Mapping[str, str]) -> Iterator[str]:
+        """An active MLflow run (fluent API, so mlflow.pytorch.log_model can use it); yields its id.
+
+        A failure inside marks the run FAILED, so every materialization leaves a truthful run.
+        """
+        import mlflow
+
+        self.ensure_reachable()
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        experiment_id = self.experiment_id()
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+            yield run.info.run_id
+
+    def run_link(self, run_id: str) -> str | None:
+        if not self.ui_url:
+            return None
+        return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}/runs/{run_id}"
+
+    def log_and_register_model(self, model, input_example, pip_requirements: list[str]) -> tuple[str, str]:
+        """Log `model` to the active run and register it; returns (model_uri, version)."""
+        import mlflow.pytorch
+
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            input_example=input_example,
+            registered_model_name=self.registered_model_name,
+            pip_requirements=pip_requirements,
+            # pickle keeps the SequenceModel class (its encode/score methods); pt2 export would
+            # reduce it to a traced forward() only.
+            serialization_format="pickle",
+        )
+        version = str(info.registered_model_version)
+        return f"models:/{self.registered_model_name}/{version}", version
+
+    def load_model(self, version: str, map_location: str = "cpu"):
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow.pytorch.load_model(
+            f"models:/{self.registered_model_name}/{version}", map_location=map_location
+        )
+
+    def run_id_of(self, version: str) -> str:
+        return self.client().get_model_version(self.registered_model_name, version).run_id
+
+    def champion_version(self) -> str | None:
+        """The version the `champion` alias points at, or None when there is no champion yet."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(
+                self.client().get_model_version_by_alias(self.registered_model_name, CHAMPION_ALIAS).version
+            )
+        except MlflowException:
+            return None
+
+    def set_champion(self, version: str) -> None:
+        self.client().set_registered_model_alias(self.registered_model_name, CHAMPION_ALIAS, version)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        self.client().log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        )
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        self.client().log_artifact(run_id, local_path, artifact_path)
+
+
+def code_version() -> str:
+    """The checkout's git sha (with '-dirty' for local changes), or 'unknown' outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+            timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+        return f"{sha}-dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def model_requirements() -> list[str]:
+    """What a logged model needs to load elsewhere (given, so MLflow does not infer it slowly)."""
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
