@@ -159,3 +159,97 @@ def test_new_comics_sensor_adds_partitions_and_requests_runs(tmp_path, migrated_
         assert all(r.asset_selection == [dg.AssetKey("stage3_panel_embeddings")] for r in result.run_requests)
         instance.add_dynamic_partitions("comics", list(request.partition_keys))
         assert isinstance(_evaluate_sensor(instance, resources), dg.SkipReason)
+
+
+def _check_result(pipeline, check_name: str):
+    from comic_pipeline.defs.embeddings import embeddings_made_by_champion
+
+    result = pipeline.materialize(
+        dg.AssetSelection.checks(embeddings_made_by_champion), raise_on_error=False
+    )
+    (evaluation,) = result.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_a_new_champion_marks_old_embeddings_stale_and_a_backfill_refreshes_them(trained_pipeline):
+    pipeline = trained_pipeline
+    if not pipeline.instance.get_materialized_partitions(dg.AssetKey("contextualized_embeddings")):
+        assert pipeline.materialize_all_comics(["contextualized_embeddings"]).success
+    assert _check_result(pipeline, "embeddings_made_by_champion").passed
+    old_champion = pipeline.tracking().champion_version()
+    retrain = pipeline.materialize(
+        dg.AssetSelection.assets("sequence_model", "champion_model") | dg.AssetSelection.groups("evaluation"),
+        run_config=training_run_config(seed=1),
+    )
+    assert retrain.success
+    new_champion = pipeline.tracking().champion_version()
+    assert new_champion != old_champion
+    stale = _check_result(pipeline, "embeddings_made_by_champion")
+    assert not stale.passed
+    assert stale.metadata["stale_comics"].value == len(pipeline.comic_ids)
+    assert pipeline.materialize_all_comics(["contextualized_embeddings"]).success  # the one backfill
+    assert _check_result(pipeline, "embeddings_made_by_champion").passed
+    url = pipeline.resources["storage"].contextualized_url()
+    assert set(ContextualizedStore.open(url).model_versions().values()) == {new_champion}
+
+
+def _embed_range(instance_ref, home: str, comics: list[str]) -> bool:
+    """One Dagster run in its own process, as a sensor run and a backfill run would be."""
+    import torch
+
+    from comic_pipeline.definitions import defs
+    from comic_pipeline.demo import graph_definitions
+
+    torch.set_num_threads(1)
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        result = dg.materialize(
+            graph_definitions(defs()), selection=["contextualized_embeddings"], instance=instance,
+            resources=build_resources(PipelineStorage(home=home)), raise_on_error=False,
+            tags={"dagster/asset_partition_range_start": comics[0],
+                  "dagster/asset_partition_range_end": comics[-1]},
+        )
+        return result.success
+
+
+def test_two_embedding_runs_over_different_comics_at_once_both_complete(trained_pipeline):
+    import multiprocessing
+
+    pipeline = trained_pipeline
+    half = len(pipeline.comic_ids) // 2
+    ranges = [pipeline.comic_ids[:half], pipeline.comic_ids[half:]]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        outcomes = pool.starmap(
+            _embed_range, [(pipeline.instance.get_ref(), str(pipeline.home), r) for r in ranges]
+        )
+    assert outcomes == [True, True]
+    store = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url())
+    champion = pipeline.tracking().champion_version()
+    assert store.comic_ids() == sorted(pipeline.comic_ids)
+    for comic_id in pipeline.comic_ids:
+        comic = store.read(comic_id)
+        assert comic.attrs["model_version"] == champion
+        assert comic.panel_embeddings.shape[:2] == comic.panel_mask.shape
+        assert np.isfinite(comic.strip_embeddings).all()
+
+
+def test_a_comic_added_to_the_store_is_found_and_embedded(trained_pipeline):
+    """Runs last: it adds a comic to the shared store."""
+    import dataclasses
+
+    from comic_pipeline import corpus, store
+
+    pipeline = trained_pipeline
+    config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=TINY_COMICS + 1)
+    new = corpus.generate_comic(config, TINY_COMICS)  # the next comic of the same generator
+    store.write_native_comic(pipeline.resources["stage3"].store_url(), new.comic_id,
+                             page_ids=new.page_ids, title=new.title, arrays=new.arrays)
+    result = _evaluate_sensor(pipeline.instance, pipeline.resources)
+    (request,) = result.run_requests
+    assert request.partition_key == new.comic_id
+    assert request.asset_selection == [dg.AssetKey("stage3_panel_embeddings"), dg.AssetKey("contextualized_embeddings")]
+    pipeline.instance.add_dynamic_partitions("comics", [new.comic_id])
+    run = pipeline.materialize(request.asset_selection, tags={"dagster/partition": new.comic_id})
+    assert run.success
+    comic = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url()).read(new.comic_id)
+    assert comic.attrs["model_version"] == pipeline.tracking().champion_version()
+    assert comic.page_ids == new.page_ids

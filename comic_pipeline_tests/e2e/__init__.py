@@ -1,0 +1,1 @@
+"""Browser end-to-end tests: `dagster dev` driven by headless Chromium (pytest marker `e2e`)."""
