@@ -70,3 +70,15 @@ def tiny_native_store(tmp_path) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
                                  page_ids=[f"{comic_id}-p{page}" for page in range(3 + index)])
         written[comic_id] = arrays
     return url, written
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and torch's spin-waiting CPU pool on a busy
+    2-core machine (the e2e test's Dagster, a second run) makes them many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -169,16 +169,6 @@ def batch_of(task: str, features: PageFeatures, dataset: TaskDataset, n: int = 8
                        tuple(sorted(features.modalities)), features.max_panels)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models gain nothing from a second thread, and a spin-waiting thread pool on a busy
-    machine makes them many times slower: one thread keeps these tests fast everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def problem():
     return synthetic_problem()

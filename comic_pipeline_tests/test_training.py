@@ -22,16 +22,6 @@ except ImportError:
 FAST = dict(preset="tiny", lr=3e-3, warmup_steps=5, batch_size=16, log_every=1000, patience=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models gain nothing from a second thread, and a spin-waiting thread pool on a busy
-    machine makes them many times slower: one thread keeps these tests fast everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small():
     return synthetic_problem(n_comics=10, pages_per_comic=5)

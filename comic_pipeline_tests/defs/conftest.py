@@ -24,18 +24,6 @@ TINY_COMICS = 48  # corpus.SIZES["tiny"]
 TINY_TRAINING = {"preset": "tiny", "epochs": 15, "warmup_steps": 20, "log_every": 100}
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Torch's CPU pool spin-waits: on a 2-core machine shared with other processes (the e2e
-    test's Dagster, a second run) two threads are many times slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def migrated_mlflow_db(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("mlflow-template")

@@ -1,0 +1,238 @@
+"""Dagster overhead of a contextualized-embedding backfill: one Dagster run vs the pure compute.
+
+A backfill of contextualized_embeddings batches many comics per run; this times one such run
+(dg.materialize over the whole "comics" partition range, tags dagster/asset_partition_range_*)
+against the same work without Dagster (embedding_store.embed_and_write with the same champion
+model, the same comics and the same batch size), in one process, and prints both and the ratio.
+
+Setup (not timed): a temporary home, a Stage 3 demo store of N comics in it, the comics registered
+as dynamic partitions of a test Dagster instance, and a champion: a SequenceModel at the "demo"
+preset (random init, seeded) logged and registered through MLflow and given the champion alias —
+the embedding asset only needs a champion version, not a trained one.
+
+Timed: the whole dg.materialize call (instance and definitions built before), which includes
+what the run does besides computing (event log writes, one materialization per partition, the
+champion lookup and model load from the registry, the asset check); and embed_and_write alone
+(model loaded before the timer). Both load their comics lazily from the Stage 3 store as the
+asset does. The table also gives the asset's own embed_and_write time inside the run.
+
+Also the DAGSTER_BACKFILL_HOOK of bench_embeddings.py: dagster_backfill_seconds(stage3_url,
+out_url, comic_ids) runs the Dagster half over a given store.
+
+    .venv/bin/python benchmarks/dagster_backfill.py [--comics 200] [--size demo|tiny]
+        [--batch-pages 256] [--threads 1] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+ASSET = "contextualized_embeddings"
+
+
+# --- setup -------------------------------------------------------------------------------------
+def write_store(url: str, n_comics: int, size: str) -> list[str]:
+    """The demo corpus generator at `size` ("demo" or "tiny" pages), scaled to n_comics."""
+    from comic_pipeline import corpus
+
+    config = dataclasses.replace(corpus.SIZES[size], n_comics=n_comics)
+    return list(corpus.write_demo_store(url, config))
+
+
+def register_champion(tracking, stage3_url: str, preset: str = "demo", seed: int = 0) -> str:
+    """Log + register a seeded, untrained SequenceModel sized for the store; make it champion.
+
+    Returns the registered version. Honest for an embedding benchmark: the asset's cost does not
+    depend on the weights, only on the model's shape."""
+    import torch
+
+    from comic_pipeline import model as model_module
+    from comic_pipeline.store import Stage3Store
+    from comic_pipeline.tracking import model_requirements
+
+    store = Stage3Store.open(stage3_url)
+    config = model_module.ModelConfig.preset(
+        preset, dim=store.dim, max_panels=store.max_panels, max_boxes=store.max_boxes,
+        modalities=tuple(sorted(store.modalities())),
+    )
+    torch.manual_seed(seed)
+    sequence_model = model_module.SequenceModel(config).eval()
+    first = store.comic(store.comic_ids()[0]).features()
+    example = first.fused[:2] if first.fused is not None else None
+    with tracking.start_run(run_name="bench-dagster-backfill", tags={"purpose": "benchmark"}):
+        _, version = tracking.log_and_register_model(sequence_model, example,
+                                                     pip_requirements=model_requirements())
+    tracking.set_champion(version)
+    return version
+
+
+def build_resources(home: str, stage3_url: str | None, out_url: str) -> dict:
+    """The pipeline's resources over `home`, reading stage3_url (None: the home's demo store) and
+    writing the contextualized store at out_url."""
+    from comic_pipeline.defs import resources
+
+    storage = resources.PipelineStorage(home=home, contextualized_store=out_url)
+    built = resources.build_resources(storage)
+    if stage3_url is not None:
+        built["stage3"] = resources.Stage3StoreResource(storage=storage, url=stage3_url)
+    return built
+
+
+# --- the two halves ----------------------------------------------------------------------------
+def time_dagster_run(instance, pipeline_resources: dict, comic_ids: list[str], batch_pages: int | None
+                     ) -> tuple[float, float]:
+    """(wall seconds of one dg.materialize of contextualized_embeddings over comic_ids' partition
+    range, seconds its embed_and_write took as the asset reports them). comic_ids must be
+    contiguous in the instance's "comics" partitions. The run includes the asset's check, as a
+    backfill run does."""
+    import dagster as dg
+
+    from comic_pipeline.definitions import defs
+    from comic_pipeline.demo import graph_definitions
+
+    assets = graph_definitions(defs())
+    # console at WARNING keeps the terminal readable; every event still goes to the instance
+    run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    if batch_pages:
+        run_config["ops"] = {ASSET: {"config": {"batch_pages": batch_pages}}}
+    started = time.perf_counter()
+    result = dg.materialize(
+        assets=assets, resources=pipeline_resources, selection=[ASSET], instance=instance,
+        run_config=run_config, tags={RANGE_START: comic_ids[0], RANGE_END: comic_ids[-1]},
+    )
+    seconds = time.perf_counter() - started
+    if not result.success:
+        raise RuntimeError(f"the Dagster run of {ASSET} over {len(comic_ids)} comics failed")
+    metadata = result.asset_materializations_for_node(ASSET)[0].metadata
+    if metadata["comics"].value != len(comic_ids):
+        raise RuntimeError(f"the Dagster run embedded {metadata['comics'].value} comics, expected {len(comic_ids)}")
+    return seconds, float(metadata["seconds"].value)
+
+
+def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[str], batch_pages: int,
+                      device: str = "auto") -> float:
+    """Seconds of embed_and_write over the same comics with the champion model, as the asset's
+    body does it (lazy inputs with all modalities, content hash validated on load), minus Dagster."""
+    from comic_pipeline import embedding_store, training
+    from comic_pipeline.store import Stage3Store
+
+    version = tracking.champion_version()
+    model = tracking.load_model(version)
+    run_id = tracking.run_id_of(version)
+    store = Stage3Store.open(stage3_url)
+    comics = [embedding_store.ComicInput.from_reader(store.comic(comic_id)) for comic_id in comic_ids]
+    started = time.perf_counter()
+    written = embedding_store.embed_and_write(
+        out_url, comics, encode=lambda features: training.embed_pages(model, features, device=device),
+        batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,
+        mlflow_run_id=run_id,
+    )
+    seconds = time.perf_counter() - started
+    if len(written) != len(comic_ids):
+        raise RuntimeError(f"embed_and_write wrote {len(written)} comics, expected {len(comic_ids)}")
+    return seconds
+
+
+# --- bench_embeddings.py's hook ----------------------------------------------------------------
+def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]) -> float:
+    """DAGSTER_BACKFILL_HOOK: one Dagster run embedding comic_ids of stage3_url into out_url, with
+    a seeded demo-preset champion registered in a throwaway home (setup not timed). Torch threads
+    are left as the caller set them, so both halves of a comparison run alike."""
+    import dagster as dg
+
+    with tempfile.TemporaryDirectory(prefix="bench_dagster_home_") as home:
+        pipeline_resources = build_resources(home, stage3_url, out_url)
+        register_champion(pipeline_resources["mlflow_tracking"].tracking(), stage3_url)
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("comics", list(comic_ids))
+            return time_dagster_run(instance, pipeline_resources, list(comic_ids), batch_pages=None)[0]
+
+
+# --- main --------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--comics", type=int, default=200)
+    parser.add_argument("--size", choices=("demo", "tiny"), default="demo",
+                        help="page sizes of the generated corpus (corpus.SIZES)")
+    parser.add_argument("--batch-pages", type=int, default=None,
+                        help="pages per model batch (default: the asset's EmbeddingConfig default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in both halves")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds (pure, Dagster), best of each")
+    args = parser.parse_args()
+
+    import dagster as dg
+    import torch
+
+    from comic_pipeline import home as home_module
+    from comic_pipeline.defs.embeddings import EmbeddingConfig
+
+    torch.set_num_threads(args.threads)
+    batch_pages = args.batch_pages or EmbeddingConfig().batch_pages
+    rows: list[tuple[str, str]] = []
+    home = tempfile.mkdtemp(prefix="bench_dagster_backfill_")
+    try:
+        stage3_url = home_module.demo_store_url(home)
+        t0 = time.perf_counter()
+        comic_ids = write_store(stage3_url, args.comics, args.size)
+        setup = {"store": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        # the home's own demo store (Stage3StoreResource's default) and contextualized store
+        pipeline_resources = build_resources(home, None, home_module.contextualized_store_url(home))
+        tracking = pipeline_resources["mlflow_tracking"].tracking()
+        version = register_champion(tracking, stage3_url)
+        setup["champion"] = time.perf_counter() - t0
+
+        from comic_pipeline.store import Stage3Store
+
+        store = Stage3Store.open(stage3_url)
+        n_pages = sum(store.comic(comic_id).n_pages for comic_id in comic_ids)
+        pure_seconds, dagster_seconds, in_asset_seconds = [], [], []
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions("comics", comic_ids)
+            for round_index in range(args.rounds):
+                pure_seconds.append(time_pure_compute(
+                    tracking, stage3_url, os.path.join(home, f"pure_{round_index}.zarr"), comic_ids, batch_pages))
+                round_resources = build_resources(home, None, os.path.join(home, f"dagster_{round_index}.zarr"))
+                wall, in_asset = time_dagster_run(instance, round_resources, comic_ids, batch_pages)
+                dagster_seconds.append(wall)
+                in_asset_seconds.append(in_asset)
+                print(f"round {round_index}: pure {pure_seconds[-1]:.2f} s, Dagster {dagster_seconds[-1]:.2f} s",
+                      file=sys.stderr, flush=True)
+        pure, dagster = min(pure_seconds), min(dagster_seconds)
+        in_asset = in_asset_seconds[dagster_seconds.index(dagster)]
+        rows += [
+            ("corpus", f"demo generator, {args.size} page sizes, {len(comic_ids)} comics, {n_pages} pages "
+                       f"(written in {setup['store']:.1f} s)"),
+            ("model", f"SequenceModel demo preset, random init (seed 0), MLflow version {version} as champion "
+                      f"(set up in {setup['champion']:.1f} s)"),
+            ("settings", f"batch_pages {batch_pages}, torch threads {args.threads}, "
+                         f"best of {args.rounds} interleaved round(s)"),
+            (f"(c) backfill {len(comic_ids)} comics, pure compute", f"{pure:.2f} s (embed_and_write, no Dagster)"),
+            (f"(c) backfill {len(comic_ids)} comics, Dagster",
+             f"{dagster:.2f} s (one dg.materialize over the partition range; "
+             f"{in_asset:.2f} s of it in the asset's embed_and_write)"),
+            ("(c) Dagster overhead", f"{dagster / pure:.2f}x pure compute (+{dagster - pure:.2f} s)"),
+        ]
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+    width = max(len(name) for name, _ in rows)
+    print(f"{'figure'.ljust(width)} | value")
+    print(f"{'-' * width}-+-{'-' * 40}")
+    for name, value in rows:
+        print(f"{name.ljust(width)} | {value}")
+
+
+if __name__ == "__main__":
+    main()
