@@ -44,19 +44,20 @@ def contextualized_embeddings(
             "There is no champion model yet: materialize sequence_model, the evaluation assets and "
             "champion_model first (the champion alias moves only when the quality gates pass)."
         )
+    device = torch_device.configure()
     model = tracking.load_model(version)
     run_id = tracking.run_id_of(version)
     store = stage3.open()
     url = storage.contextualized_url()
     comics = [embedding_store.ComicInput.from_reader(store.comic(comic_id)) for comic_id in context.partition_keys]
     started = time.perf_counter()
+    progress = _Progress(context, total=len(comics))
     written = embedding_store.embed_and_write(
         url, comics,
-        encode=lambda features: training.embed_pages(model, features, device=torch_device.device),
+        encode=lambda features: training.embed_pages(model, features, device=device),
         batch_pages=config.batch_pages, model_name=tracking.registered_model_name,
         model_version=version, mlflow_run_id=run_id,
-        on_comic_written=lambda comic_id, pages, seconds: context.log.info(
-            f"{comic_id}: {pages} pages embedded and written ({seconds:.2f} s)"),
+        on_comic_written=progress.comic_written,
     )
     seconds = time.perf_counter() - started
     pages = sum(w.n_pages for w in written)
@@ -73,6 +74,20 @@ def contextualized_embeddings(
         },
         data_version=dg.DataVersion(version),
     )
+
+
+class _Progress:
+    """One log line per 25 comics (and the last): every line is an event-log write."""
+
+    def __init__(self, context: dg.AssetExecutionContext, total: int, every: int = 25):
+        self.context, self.total, self.every, self.done, self.pages = context, total, every, 0, 0
+
+    def comic_written(self, comic_id: str, pages: int, seconds: float) -> None:
+        self.done += 1
+        self.pages += pages
+        if self.done % self.every == 0 or self.done == self.total:
+            self.context.log.info(f"{self.done}/{self.total} comics embedded and written "
+                                  f"({self.pages} pages; last: {comic_id})")
 
 
 @dg.asset_check(

@@ -76,6 +76,7 @@ def evaluation_assets(
     mlflow_tracking: MLflowTracking,
 ):
     tracking = mlflow_tracking.tracking()
+    device = torch_device.configure()
     model_metadata = latest_metadata(context.instance, sequence_model.key)
     version, run_id = str(model_metadata["model_version"]), str(model_metadata["mlflow_run_id"])
     model = tracking.load_model(version)
@@ -103,7 +104,7 @@ def evaluation_assets(
                     )
             continue
         result = evaluation.evaluate_task(
-            model, datasets[name], features, split="test", device=torch_device.device,
+            model, datasets[name], features, split="test", device=device,
             seed=config.seed, batch_size=config.batch_size,
         )
         results[name] = result
@@ -117,7 +118,7 @@ def evaluation_assets(
 
     if SUMMARY_KEY in context.selected_asset_keys:
         yield _summary(context, tracking, run_id, version, model, results, skipped, features,
-                       datasets, torch_device.device, config.seed)
+                       datasets, device, config.seed)
 
 
 def _gates(key, result: "evaluation.TaskEvaluation", champion, champion_accuracy):

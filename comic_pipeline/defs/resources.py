@@ -85,6 +85,19 @@ class TorchDevice(dg.ConfigurableResource):
     """The accelerator: `auto` takes CUDA (bf16 autocast) when present, else the CPU."""
 
     device: str = Field(default="auto", description="auto, cpu or cuda:N")
+    cpu_threads: Optional[int] = Field(
+        default=1,
+        description="Torch CPU threads when running on the CPU. torch's pool spin-waits, so on a "
+        "machine shared with Dagster's daemon, webserver and other runs one thread is steadier "
+        "than several; None uses every core (best on an otherwise idle machine).",
+    )
+
+    def configure(self) -> str:
+        """Apply the thread setting; returns the device spec for the domain code."""
+        from comic_pipeline.training import configure_cpu_threads
+
+        configure_cpu_threads(self.cpu_threads)
+        return self.device
 
 
 class MLflowTracking(dg.ConfigurableResource):

@@ -73,6 +73,7 @@ def sequence_model(
 ) -> dg.MaterializeResult:
     tracking = mlflow_tracking.tracking()
     tracking.ensure_reachable()  # never train untracked
+    device = torch_device.configure()
     datasets, skipped = load_task_datasets(context.instance)
     if not datasets:
         raise dg.Failure(f"No task dataset to train on (skipped: {skipped}).")
@@ -86,9 +87,9 @@ def sequence_model(
     }
     started = time.perf_counter()
     with tracking.start_run(run_name=f"sequence_model-{context.run_id[:8]}", tags=tags) as run_id:
-        _log_params(train_config, datasets, skipped, torch_device.device)
+        _log_params(train_config, datasets, skipped, device)
         result = training.train(
-            train_config, datasets, features, device=torch_device.device,
+            train_config, datasets, features, device=device,
             checkpoint_dir=storage.path("checkpoints", "sequence_model"),
             log=context.log.info,
             on_epoch=lambda epoch, metrics: _mlflow_log_metrics(metrics, epoch),
