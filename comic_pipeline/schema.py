@@ -66,11 +66,11 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             "visual_closure", 5, (frozenset({"fused"}), frozenset({"visual"})),
-            "Panels 1..s of a page; pick panel s+1 of 5.",
+            "The first s panels of a page (s varies per sample); pick panel s+1 of 5.",
         ),
         TaskSpec(
             "text_closure", 4, (frozenset({"visual", "text"}),),
-            "Panels 1..s; panel s+1's visual is shown with its own text or the text of 3 other "
+            "The first s panels; panel s+1's visual is shown with its own text or the text of 3 other "
             "panels; pick the true text.",
         ),
         TaskSpec(
@@ -79,7 +79,7 @@ TASKS: dict[str, TaskSpec] = {
         ),
         TaskSpec(
             "character_coherence", 2, (frozenset({"visual", "text"}),),
-            "Panels 1..s, then panel s+1 with at least two text boxes, in true or swapped box "
+            "The first s panels, then panel s+1 with at least two text boxes, in true or swapped box "
             "order; pick the true order.",
         ),
         TaskSpec(

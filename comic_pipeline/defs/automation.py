@@ -66,5 +66,5 @@ weekly_retraining = dg.ScheduleDefinition(
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Mondays 03:00 UTC: regenerate splits and tasks from every validated comic, "
     "retrain, evaluate, and promote the new model if it passes the quality gates. Turn it on in "
-    "the UI (Automation -> weekly_retraining) or with `dagster schedule start weekly_retraining`.",
+    "the UI (Automation -> weekly_retraining) or with `dagster schedule start weekly_retraining -w workspace.yaml`.",
 )

@@ -96,8 +96,7 @@ class _Progress:
     description=(
         "Warns with the list of comics whose embeddings were made by a model version that is no "
         "longer the champion. Re-embed them with one backfill of contextualized_embeddings over "
-        "the listed partitions (the UI also marks them stale, since champion_model's data version "
-        "is the model version)."
+        "the listed partitions (the UI marks them stale too)."
     ),
 )
 def embeddings_made_by_champion(

@@ -25,7 +25,7 @@ def _check_specs() -> list[dg.AssetCheckSpec]:
         specs += [
             dg.AssetCheckSpec(
                 "beats_chance", asset=key, blocking=True,
-                description="Blocking: the 95% interval's lower end of test accuracy is above chance.",
+                description="Blocking: the lower end of the 95% interval of test accuracy is above chance.",
             ),
             dg.AssetCheckSpec(
                 "beats_shortcuts", asset=key, blocking=True,
@@ -49,8 +49,8 @@ class EvaluationConfig(dg.Config):
     specs=[
         dg.AssetSpec(
             key, group_name="evaluation", deps=[sequence_model, TASK_KEYS[name]],
-            description=f"Test-split metrics of {name} for the model version sequence_model "
-            "produced: accuracy with a 95% Wilson interval beside chance and the best shortcut "
+            description=f"Test-split metrics of {name} for the latest sequence_model version: "
+            "accuracy with a 95% Wilson interval beside chance and the best shortcut "
             "heuristic" + (" (accuracy = per-page pairwise order accuracy; plus Kendall's tau and "
                            "exact match)"
                            if name == "reading_order" else "") + "; logged to the model's MLflow run.",

@@ -146,11 +146,12 @@ class DagsterUI:
         """The step and run failure messages of one run, for a failure report."""
         data = self.graphql("""query ($id: ID!) { logsForRun(runId: $id, limit: 5000) {
             ... on EventConnection { events { __typename
-              ... on ExecutionStepFailureEvent { stepKey error { message } }
+              ... on ExecutionStepFailureEvent { stepKey error { message
+                    cause { message cause { message cause { message } } } } }
               ... on RunFailureEvent { message } } } ... on PythonError { message } } }""",
                             {"id": run_id})
         events = data["logsForRun"].get("events", [])
-        lines = [f"  step {e['stepKey']}: {(e.get('error') or {}).get('message', '').strip()}"
+        lines = [f"  step {e['stepKey']}: {_root_message(e.get('error'))}"
                  for e in events if e["__typename"] == "ExecutionStepFailureEvent"]
         lines += [f"  run: {e['message']}" for e in events if e["__typename"] == "RunFailureEvent"]
         return f"run {run_id}:\n" + ("\n".join(lines) or "  (no failure event recorded)")
@@ -173,6 +174,13 @@ class DagsterUI:
             assetMaterializations(limit: 1000) { partition runId } } }""", {"key": {"path": path}})
         (node,) = data["assetNodes"]
         return {m["partition"] for m in node["assetMaterializations"] if m["runId"] in run_ids}
+
+
+def _root_message(error: dict | None) -> str:
+    """The innermost cause's message: the asset's own error, not Dagster's wrapper around it."""
+    while error and error.get("cause"):
+        error = error["cause"]
+    return (error or {}).get("message", "").strip()
 
 
 def _seed_home(home: Path) -> list[str]:
