@@ -35,6 +35,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from figures import print_figures  # noqa: E402  (beside this script)
+
 from comic_pipeline import embedding_store  # noqa: E402
 from comic_pipeline.schema import PageFeatures  # noqa: E402
 
@@ -305,11 +307,7 @@ def main() -> None:
         else:
             rows.append(("(c) Dagster backfill", "not measured here (DAGSTER_BACKFILL_HOOK unset)"))
 
-    width = max(len(name) for name, _ in rows)
-    print(f"{'figure'.ljust(width)} | value")
-    print(f"{'-' * width}-+-{'-' * 40}")
-    for name, value in rows:
-        print(f"{name.ljust(width)} | {value}")
+    print_figures(rows)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from figures import print_figures  # noqa: E402  (beside this script)
+
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 ASSET = "contextualized_embeddings"
@@ -227,11 +229,7 @@ def main() -> None:
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
-    width = max(len(name) for name, _ in rows)
-    print(f"{'figure'.ljust(width)} | value")
-    print(f"{'-' * width}-+-{'-' * 40}")
-    for name, value in rows:
-        print(f"{name.ljust(width)} | {value}")
+    print_figures(rows)
 
 
 if __name__ == "__main__":
