@@ -43,7 +43,6 @@ def _partition_range(comic_ids: list[str]) -> dict[str, str]:
 
 
 def run_demo(instance: dg.DagsterInstance) -> int:
-    from comic_pipeline.defs.automation import retraining_job  # noqa: F401  (import check)
     from comic_pipeline.defs.stage3 import comics_partitions
     from comic_pipeline.definitions import defs as load_defs
 

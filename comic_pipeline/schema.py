@@ -262,7 +262,3 @@ def page_table_matches(dataset: TaskDataset, features: PageFeatures) -> bool:
         and np.array_equal(dataset.page_numbers, features.page_numbers)
     )
 
-
-def as_flat_refs(rows: np.ndarray, slots: np.ndarray, max_panels: int) -> np.ndarray:
-    return rows.astype(np.int64) * max_panels + slots
-

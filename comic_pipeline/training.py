@@ -297,24 +297,13 @@ class TaskBatches:
 
 
 # --- fingerprint -------------------------------------------------------------------------------
-def _dataset_digest(dataset: TaskDataset) -> str:
-    if hasattr(dataset, "fingerprint"):
-        return dataset.fingerprint()
-    digest = hashlib.sha256(dataset.task.encode())
-    for split in sorted(dataset.splits):
-        for name in sorted(dataset.splits[split]):
-            digest.update(f"{split}/{name}".encode())
-            digest.update(np.ascontiguousarray(dataset.splits[split][name]).tobytes())
-    return digest.hexdigest()
-
-
 def training_fingerprint(config: TrainConfig, model_config: ModelConfig,
                          datasets: Mapping[str, TaskDataset], features: PageFeatures) -> str:
     """A hash of everything that decides the trained weights (except the device)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([config.to_dict(), model_config.to_dict()], sort_keys=True).encode())
     for task in sorted(datasets):
-        digest.update(f"{task}:{_dataset_digest(datasets[task])}".encode())
+        digest.update(f"{task}:{datasets[task].fingerprint()}".encode())
     for name in ("comic_ids", "page_numbers", "panel_mask", *MODALITIES, "text_mask"):
         array = getattr(features, name)
         if array is not None:

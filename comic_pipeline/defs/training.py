@@ -129,9 +129,7 @@ def _mlflow_log_metrics(metrics: dict[str, float], epoch: int) -> None:
 
 
 def _log_params(train_config, datasets, skipped, device: str) -> None:
-    import dataclasses
-
-    params = {k: v for k, v in dataclasses.asdict(train_config).items() if k != "loss_weights"}
+    params = {k: v for k, v in train_config.to_dict().items() if k != "loss_weights"}
     params.update({f"loss_weight_{k}": v for k, v in train_config.loss_weights.items()})
     params.update({f"dataset_{name}": d.fingerprint() for name, d in datasets.items()})
     params.update({f"train_samples_{name}": d.n_samples("train") for name, d in datasets.items()})
