@@ -419,12 +419,17 @@ class ComicInput:
 
         load() returns the comic's features (all stored modalities unless given; the reader
         checks masks and values of what it reads, so a bad comic fails before anything of it is
-        written). Without a known content_hash, load() first validates the whole comic to get
-        it, which reads the comic twice; pass the hash recorded upstream to skip that.
+        written). Without a known content_hash, load() reads every modality once and hashes what
+        it read; with a subset of modalities and no hash it validates the whole comic first.
         """
         def load() -> PageFeatures:
-            if comic.content_hash is None:  # `comic` is bound below
-                comic.content_hash = reader.validate().content_hash
+            if comic.content_hash is not None:  # `comic` is bound below
+                return reader.features(modalities)
+            if modalities is None:
+                features, summary = reader.validated_features()
+                comic.content_hash = summary.content_hash
+                return features
+            comic.content_hash = reader.validate().content_hash
             return reader.features(modalities)
 
         comic = cls(comic_id=reader.comic_id, page_ids=list(reader.page_ids), content_hash=content_hash,

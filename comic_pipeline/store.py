@@ -343,18 +343,23 @@ class ComicReader:
 
     def validate(self) -> ComicSummary:
         """Read and check everything; a summary with a content hash that ignores padding."""
-        mask = self.panel_mask()
+        return self.validated_features()[1]
+
+    def validated_features(self) -> tuple[PageFeatures, ComicSummary]:
+        """Every modality read and checked once, with the summary of exactly what was read."""
+        features = self.features()
+        mask = features.panel_mask
         digest = hashlib.sha256()
         digest.update(json.dumps(self.page_ids).encode())
         digest.update(np.ascontiguousarray(mask).tobytes())
         for modality in sorted(self.modalities):
-            values = self.read(modality)
+            values = getattr(features, modality)
             digest.update(f"{modality}{values.shape}".encode())
             if modality == "text":
-                digest.update(np.ascontiguousarray(self.text_mask()).tobytes())
+                digest.update(np.ascontiguousarray(features.text_mask).tobytes())
             digest.update(np.ascontiguousarray(values, dtype="<f4").tobytes())
         n_panels = mask.sum(axis=1)
-        return ComicSummary(
+        summary = ComicSummary(
             comic_id=self.comic_id,
             n_pages=self.n_pages,
             n_panels=int(n_panels.sum()),
@@ -365,6 +370,7 @@ class ComicReader:
             dtype=str(self._source.specs["panel_embeddings"][1]),
             content_hash=digest.hexdigest(),
         )
+        return features, summary
 
 
 # --- legacy metadata ---------------------------------------------------------------------------
