@@ -284,28 +284,31 @@ def main() -> None:
                                                 f"+{one['peak_run_mb'] - one['baseline_mb']:.0f} MB at 1x, "
                                                 f"+{ten['peak_run_mb'] - ten['baseline_mb']:.0f} MB at 10x"))
 
-        # comic i is the same at any corpus size, so the first N comics of the larger store
-        backfill_url = base_url
-        if len(base_ids) < args.backfill_comics:
-            backfill_url = os.path.join(tmp, "stage3_backfill.zarr")
-            if not args.skip_rss:
-                backfill_url = ten_url
-            else:
-                write_stage3_store(backfill_url, args.backfill_comics)
-        from comic_pipeline.store import Stage3Store
-
-        backfill_ids = Stage3Store.open(backfill_url).comic_ids()[: args.backfill_comics]
-        pure = backfill_pure_compute_seconds(backfill_url, os.path.join(tmp, "ctx_c.zarr"), backfill_ids,
-                                             args.batch_pages, args.projection)
-        rows.append((f"(c) backfill {len(backfill_ids)} comics, pure compute", f"{pure:.2f} s"))
-        if DAGSTER_BACKFILL_HOOK is not None:
-            dagster_seconds = DAGSTER_BACKFILL_HOOK(backfill_url, os.path.join(tmp, "ctx_d.zarr"), backfill_ids)
-            rows += [
-                (f"(c) backfill {len(backfill_ids)} comics, Dagster", f"{dagster_seconds:.2f} s"),
-                ("(c) Dagster overhead", f"{dagster_seconds / pure:.2f}x pure compute"),
-            ]
+        if args.backfill_comics <= 0:
+            rows.append(("(c) Dagster backfill", "skipped (--backfill-comics 0)"))
         else:
-            rows.append(("(c) Dagster backfill", "not measured here (DAGSTER_BACKFILL_HOOK unset)"))
+            # comic i is the same at any corpus size, so the first N comics of the larger store
+            backfill_url = base_url
+            if len(base_ids) < args.backfill_comics:
+                backfill_url = os.path.join(tmp, "stage3_backfill.zarr")
+                if not args.skip_rss:
+                    backfill_url = ten_url
+                else:
+                    write_stage3_store(backfill_url, args.backfill_comics)
+            from comic_pipeline.store import Stage3Store
+
+            backfill_ids = Stage3Store.open(backfill_url).comic_ids()[: args.backfill_comics]
+            pure = backfill_pure_compute_seconds(backfill_url, os.path.join(tmp, "ctx_c.zarr"), backfill_ids,
+                                                 args.batch_pages, args.projection)
+            rows.append((f"(c) backfill {len(backfill_ids)} comics, pure compute", f"{pure:.2f} s"))
+            if DAGSTER_BACKFILL_HOOK is not None:
+                dagster_seconds = DAGSTER_BACKFILL_HOOK(backfill_url, os.path.join(tmp, "ctx_d.zarr"), backfill_ids)
+                rows += [
+                    (f"(c) backfill {len(backfill_ids)} comics, Dagster", f"{dagster_seconds:.2f} s"),
+                    ("(c) Dagster overhead", f"{dagster_seconds / pure:.2f}x pure compute"),
+                ]
+            else:
+                rows.append(("(c) Dagster backfill", "not measured here (DAGSTER_BACKFILL_HOOK unset)"))
 
     print_figures(rows)
 
