@@ -5,14 +5,16 @@ import dagster as dg
 
 from comic_pipeline import schema
 from comic_pipeline.defs.evaluation import EVALUATION_KEYS
+from comic_pipeline.defs.lineage import latest_metadata
 from comic_pipeline.defs.tasks import TASK_KEYS
 
 
 def _metadata(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict:
-    event = instance.get_latest_materialization_event(key)
-    if event is None or event.asset_materialization is None:
+    """The latest metadata of `key`, or nothing yet: a summary reports what exists so far."""
+    try:
+        return dict(latest_metadata(instance, key))
+    except dg.Failure:
         return {}
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
 def summary_table(instance: dg.DagsterInstance) -> str:

@@ -2,6 +2,7 @@
 view per comic, partitioned by the dynamic `comics` partitions."""
 
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -40,8 +41,6 @@ def stage3_store(
         overrides = {"seed": config.seed}
         if config.n_comics is not None:
             overrides["n_comics"] = config.n_comics
-        import dataclasses
-
         corpus_config = dataclasses.replace(corpus_config, **overrides)
         context.log.info(f"Writing the {config.size} demo corpus to {url}")
         corpus.write_demo_store(url, corpus_config)

@@ -10,6 +10,7 @@ import pytest
 from comic_pipeline import schema
 from comic_pipeline.defs.automation import new_comics_sensor
 from comic_pipeline.defs.evaluation import EVALUATION_KEYS
+from comic_pipeline.defs.lineage import latest_metadata
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, build_resources
 from comic_pipeline.defs.tasks import TASK_KEYS
 from comic_pipeline.embedding_store import ContextualizedStore
@@ -18,13 +19,7 @@ from .conftest import TINY_COMICS, make_home, start_pipeline, training_run_confi
 
 
 def _metadata(instance, key, partition=None):
-    if partition is None:
-        event = instance.get_latest_materialization_event(key)
-    else:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
-        event = records[0].event_log_entry
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    return latest_metadata(instance, key, partition)
 
 
 def test_demo_store_and_validation_partitions(trained_pipeline):
