@@ -65,11 +65,11 @@ def probe(dataset, inputs, targets):
     def answer(fields):
         return np.take_along_axis(fields["options"], fields["label"][:, None].astype(int), axis=1)[:, 0]
 
-    train = dataset.splits["train"]
+    train = dataset.splits["train"].fields()
     weights = ridge(inputs(train), targets[answer(train)])
     result = {}
     for split in ("val", "test"):
-        fields = dataset.splits[split]
+        fields = dataset.splits[split].fields()
         scores = np.einsum("nkd,nd->nk", targets[fields["options"]], unit(inputs(fields) @ weights))
         correct = np.argmax(scores, axis=1) == fields["label"]
         result[split] = float(correct.mean())
@@ -114,13 +114,13 @@ def probes(features, datasets) -> pd.DataFrame:
     # character_coherence: predict the second shown box from the first, per option order
     dataset = datasets["character_coherence"]
 
-    train = dataset.splits["train"]
+    train = dataset.splits["train"].fields()
     order = np.maximum(train["box_order"].astype(np.int64), 0)
     true = order[np.arange(len(order)), train["label"].astype(int)]
     weights = ridge(box_table[train["options"][:, 0], true[:, 0]], box_table[train["options"][:, 0], true[:, 1]])
     result = {}
     for split in ("val", "test"):
-        fields = dataset.splits[split]
+        fields = dataset.splits[split].fields()
         order = np.maximum(fields["box_order"].astype(np.int64), 0)
         shown = box_table[fields["options"][:, :, None], order]  # (N, 2, B, D)
         scores = np.einsum("nkd,nkd->nk", unit(shown[:, :, 0] @ weights), shown[:, :, 1])

@@ -31,11 +31,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comic_pipeline import corpus, tasks  # noqa: E402
+from comic_pipeline.batching import TaskBatches  # noqa: E402
+from comic_pipeline.inference import autocast, configure_cpu_threads, resolve_device  # noqa: E402
 from comic_pipeline.model import SequenceModel  # noqa: E402
 from comic_pipeline.schema import TASK_NAMES  # noqa: E402
-from comic_pipeline.training import (  # noqa: E402
-    TaskBatches, TrainConfig, _autocast, _optimizer, configure_cpu_threads, resolve_device, train,
-)
+from comic_pipeline.training import TrainConfig, make_optimizer, train  # noqa: E402
 
 SIZES = {
     # corpus config, train config, steps (CPU default)
@@ -71,11 +71,12 @@ def end_to_end(config: TrainConfig, datasets, features, device: str, steps: int)
 def bare(config: TrainConfig, datasets, features, device: str, steps: int) -> float:
     """Forward + backward + step of the same model on batches built once (no gathering)."""
     torch_device, amp_dtype = resolve_device(device)
+    config = config.resolved()
     model_config = config.model_config(features)
     batches = TaskBatches(datasets, features, device=torch_device, modalities=model_config.modalities)
     torch.manual_seed(0)
     model = SequenceModel(model_config).to(torch_device)
-    optimizer = _optimizer(model, config)
+    optimizer = make_optimizer(model, config)
 
     def first_samples(task: str) -> np.ndarray:
         return np.arange(config.batch_size) % batches.n_samples(task, "train")
@@ -83,13 +84,13 @@ def bare(config: TrainConfig, datasets, features, device: str, steps: int) -> fl
     ready = {task: batches.batch(task, "train", first_samples(task))
              for task in batches.tasks}  # built once: no gathering in the timed loop
     pages = batches.page_rows("train")[: config.strip_batch_size or config.batch_size]
-    inputs, panel_mask = batches.pages(pages)
+    page_batch = batches.pages(pages)
     samples_per_step = config.batch_size * len(ready) + len(pages)
 
     def step():
-        with _autocast(torch_device, amp_dtype):
-            total = sum(model.task_losses(task, batch)[0] for task, batch in ready.items())
-            total = total + model.strip_loss(inputs, panel_mask)
+        with autocast(torch_device, amp_dtype):
+            total = sum(model(batch)[0] for batch in ready.values())
+            total = total + model(page_batch)[0]
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

@@ -12,7 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from comic_pipeline import metrics, schema, shortcuts, training
+from comic_pipeline import inference, metrics, schema, shortcuts
+from comic_pipeline.tasks import TASK_NAMES, spec_of
 
 
 @dataclass
@@ -43,8 +44,9 @@ def evaluate_task(
     """Score `model` on `split` of `dataset`, with the shortcut heuristics on the same samples."""
     if dataset.n_samples(split) == 0:
         raise ValueError(f"task {dataset.task!r} has no {split!r} samples to evaluate")
-    outputs = training.evaluate(model, dataset, features, split, device=device, batch_size=batch_size)
-    if dataset.task == "reading_order":
+    spec = spec_of(dataset.task)
+    outputs = inference.predict(model, dataset, features, split, device=device, batch_size=batch_size)
+    if spec.family == "order":
         # Exact match is near zero for long pages whatever the model, so the gated "accuracy" is
         # the per-page pairwise accuracy (chance 0.5), with a normal interval over pages (pairs
         # within one page are not independent; pages are).
@@ -69,8 +71,8 @@ def evaluate_task(
         }
     else:
         heuristics = shortcuts.shortcut_accuracies(dataset, features, split, seed=seed)
-        report = metrics.accuracy_report(
-            outputs["prediction"], outputs["label"], schema.TASKS[dataset.task].chance
+        report = metrics.accuracy_report(  # chance from the dataset's own K
+            outputs["prediction"], outputs["label"], spec.chance(dataset.n_options or None)
         )
         values = {
             "accuracy": report.accuracy,
@@ -78,10 +80,10 @@ def evaluate_task(
             "accuracy_ci_high": report.ci_high,
             "chance": report.chance,
         }
-        if dataset.task == "text_cloze":
-            variant = dataset.splits[split]["variant"]
+        if spec.variants:
+            variant = dataset.splits[split].variant
             correct = outputs["prediction"] == outputs["label"]
-            for code, name in ((0, "easy"), (1, "hard")):
+            for code, name in enumerate(spec.variants):
                 if (variant == code).any():
                     values[f"accuracy_{name}"] = float(correct[variant == code].mean())
     values["best_shortcut"] = max(heuristics.values()) if heuristics else values["chance"]
@@ -91,7 +93,7 @@ def evaluate_task(
 
 def test_page_rows(datasets: Mapping[str, schema.TaskDataset], split: str = "test") -> np.ndarray:
     """Page-table rows that any task samples from in `split` (all datasets share one table)."""
-    rows = [d.splits[split]["page"] for d in datasets.values() if d.n_samples(split)]
+    rows = [d.splits[split].page for d in datasets.values() if d.n_samples(split)]
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
@@ -101,8 +103,8 @@ def evaluate_strips(model, features: schema.PageFeatures, rows: np.ndarray, *, d
     of the same comic (recall@10), each beside its chance level."""
     if len(rows) < 2:
         raise ValueError("strip evaluation needs at least two test pages")
-    view_a, view_b = training.strip_views(model, features, rows, device=device, seed=seed)
-    _, strips = training.embed_pages(model, features, rows, device=device)
+    view_a, view_b = inference.strip_views(model, features, rows, device=device, seed=seed)
+    _, strips = inference.embed_pages(model, features, rows, device=device)
     same_comic, same_comic_chance = metrics.same_comic_recall_at_k(
         strips, features.comic_ids[rows], k=10
     )
@@ -134,7 +136,7 @@ def summary_markdown(
         "| task | n | accuracy | 95% CI | chance | best shortcut | other |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for name in schema.TASK_NAMES:
+    for name in TASK_NAMES:
         if name in skipped:
             lines.append(f"| {name} | – | skipped | – | – | – | {skipped[name]} |")
             continue

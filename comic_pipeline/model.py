@@ -10,22 +10,11 @@ scored against the output at that token:
 Shapes: B batch, L sequence positions (max_panels + 1, room for a query after a full context),
 P panels of a page, K options, X text boxes of a panel, D input dim, d d_model.
 
-Per task (see `task_inputs`) the context and options are:
-
-| task                | context sequence                                  | query   | options       |
-|---------------------|---------------------------------------------------|---------|---------------|
-| sequence_filling    | the page, MASK token at the missing slot          | at MASK | fused         |
-| visual_closure      | slots 0..s-1, then a query token                  | query   | fused/visual  |
-| text_closure        | slots 0..s-1, then query token + answer's visual  | query   | text of option|
-| caption_relevance   | the caption of panel s alone, then a query token  | query   | fused         |
-| character_coherence | slots 0..s-1, then a query token                  | query   | visual + text |
-|                     |                                                   |         | in box_order  |
-| text_cloze          | 3 panels, then query token + answer's visual      | query   | text of option|
-| reading_order       | the page's panels shuffled, NO slot positions     | -       | a score per   |
-|                     |                                                   |         | panel         |
-
-Context panels use every modality the model has. The query position of text_closure/text_cloze
-carries only the answer panel's VISUAL (its fused embedding would contain the text that is asked).
+What a batch holds per task (context, query position, option modalities) is assembled on the host
+from the task's spec (comic_pipeline.batching). `forward(batch)` IS the training path: a typed
+batch in, (loss, scores) out -- OptionBatch: cross-entropy over K options; OrderBatch: the pairwise
+reading-order loss; PageBatch: the strip objective. A plain (B, P, D) tensor of fused pages gives
+contextualized panels (the registry's entry point for a fused-only page).
 
 Reading order: pairwise (RankNet). For every two panels i, j of the shuffled page the head gives
 a logit that i is read before j, antisymmetric by construction:
@@ -51,27 +40,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from comic_pipeline.schema import MASK, MODALITIES, PAD, TASKS
-
-OPTION_TASKS = tuple(name for name, spec in TASKS.items() if spec.n_options > 0)
-READING_ORDER = "reading_order"
-
-# what stands at a sequence position
-KIND_PAD, KIND_PANEL, KIND_MASK, KIND_QUERY = 0, 1, 2, 3
-
-_PRESETS: dict[str, dict[str, object]] = {
-    # for tests: a few thousand parameters
-    "tiny": dict(d_model=32, n_layers=2, n_heads=2, dropout=0.0),
-    # trains on the demo corpus on two CPU cores in minutes
-    "demo": dict(d_model=96, n_layers=2, n_heads=4, dropout=0.0),  # synthetic data: no overfitting
-    # the default size for real use (DESIGN §5)
-    "full": dict(d_model=512, n_layers=6, n_heads=8, dropout=0.1),
-}
-PRESETS = tuple(_PRESETS)
+from comic_pipeline.batching import KIND_MASK, KIND_PAD, KIND_QUERY, OptionBatch, OrderBatch, PageBatch
+from comic_pipeline.schema import MODALITIES, PAD
+from comic_pipeline.tasks import OPTION_TASKS
 
 
 @dataclass
 class ModelConfig:
+    """The model's shape. Named sizes (with the training settings) live in training.PRESETS."""
+
     dim: int  # D, the input embedding dimension of every modality
     max_panels: int  # P, panel slots per page
     max_boxes: int  # X, text boxes per panel (0 without the text modality)
@@ -94,17 +71,6 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"ModelConfig: d_model {self.d_model} is not divisible by "
                              f"n_heads {self.n_heads}")
-
-    @classmethod
-    def preset(cls, name: str, *, dim: int, max_panels: int, max_boxes: int = 0,
-               modalities: tuple[str, ...] = ("fused",), **overrides) -> "ModelConfig":
-        """A named size ("tiny", "demo", "full") for the given input shape; keyword overrides
-        (d_model, n_layers, n_heads, dropout, mlp_ratio) that are None are ignored."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-        sizes = dict(_PRESETS[name])
-        sizes.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(dim=dim, max_panels=max_panels, max_boxes=max_boxes, modalities=modalities, **sizes)
 
     def to_dict(self) -> dict[str, object]:
         values = dataclasses.asdict(self)
@@ -262,12 +228,12 @@ class SequenceModel(nn.Module):
                              f"({', '.join(self.config.modalities)})")
         return total
 
-    def tokens(self, task: str, context: dict[str, torch.Tensor], kind: torch.Tensor) -> torch.Tensor:
+    def tokens(self, task: str | None, context: dict[str, torch.Tensor], kind: torch.Tensor) -> torch.Tensor:
         """Sequence tokens (B, L, d): panels, plus the learned mask / query token where `kind` says."""
         x = self.embed_panels(context)  # (B, L, d)
         is_mask = (kind == KIND_MASK)[..., None].to(x.dtype)
         x = x + is_mask * self.mask_token
-        if task in OPTION_TASKS:
+        if task is not None:  # an option task: its own learned query token
             is_query = (kind == KIND_QUERY)[..., None].to(x.dtype)
             x = x + is_query * self.query_token[OPTION_TASKS.index(task)]
         return x
@@ -283,9 +249,23 @@ class SequenceModel(nn.Module):
             x = block(x, valid)
         return self.ln_f(x)
 
-    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+    def forward(self, batch):
+        """The training path. OptionBatch -> (cross-entropy, (B, K) option logits); OrderBatch ->
+        (pairwise order loss, (B, P) Borda panel scores); PageBatch -> (strip InfoNCE loss, (B, B)
+        view similarities). A (B, P, D) tensor of fused pages -> contextualized panels (B, P, d)."""
+        if isinstance(batch, torch.Tensor):
+            return self.encode_fused(batch)
+        if isinstance(batch, PageBatch):
+            return self.strip_loss(batch)
+        logits = self.task_logits(batch)
+        if isinstance(batch, OrderBatch):
+            valid = batch.kind != KIND_PAD
+            return pairwise_order_loss(logits, batch.order), order_scores(logits, valid)
+        return F.cross_entropy(logits, batch.label), logits
+
+    def encode_fused(self, fused: torch.Tensor) -> torch.Tensor:
         """(B, P, D) fused page embeddings, zero rows = padding -> (B, P, d) contextualized panels
-        (padded slots zero). The MLflow pyfunc entry point: the fused-only view of a page."""
+        (padded slots zero): the fused-only view of a page."""
         if fused.dim() != 3:
             raise ValueError(f"forward expects fused page embeddings (B, P, D), "
                              f"got shape {tuple(fused.shape)}")
@@ -325,56 +305,46 @@ class SequenceModel(nn.Module):
         return self.strip_out((weights[..., None] * h).sum(1))  # (B, d)
 
     # --- task heads ---------------------------------------------------------------------------
-    def task_logits(self, task: str, batch: dict) -> torch.Tensor:
-        """Option tasks: (B, K) option scores. reading_order: (B, P, P) pair logits, s_ij > 0 =
-        panel i read before panel j (see `order_scores`). `batch` comes from `task_inputs`."""
-        kind = batch["kind"]  # (B, L)
-        x = self.tokens(task, batch["context"], kind)  # (B, L, d)
-        h = self.contextualize(x, kind != KIND_PAD, batch["positions"])  # (B, L, d)
-        if task == READING_ORDER:
+    def task_logits(self, batch: OptionBatch | OrderBatch) -> torch.Tensor:
+        """OptionBatch: (B, K) option scores. OrderBatch: (B, P, P) pair logits, s_ij > 0 = panel
+        i read before panel j (see `order_scores`)."""
+        if isinstance(batch, OrderBatch):
+            x = self.tokens(None, batch.context, batch.kind)  # (B, P, d)
+            h = self.contextualize(x, batch.kind != KIND_PAD, None)  # no positions: (B, P, d)
             earliness = self.order_head(h).squeeze(-1).float()  # (B, P)
             q, k = self.order_query(h).float(), self.order_key(h).float()  # (B, P, d)
             follows = q @ k.transpose(1, 2) / math.sqrt(self.config.d_model)  # (B, P_i, P_j)
             return earliness[:, :, None] - earliness[:, None, :] + follows - follows.transpose(1, 2)
-        if task not in OPTION_TASKS:
-            raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-        h_query = h[torch.arange(h.shape[0], device=h.device), batch["query_index"]]  # (B, d)
-        options = self.ln_option(self.embed_panels(batch["options"]))  # (B, K, d)
-        query = self.option_heads[task](h_query)  # (B, d)
+        x = self.tokens(batch.task, batch.context, batch.kind)  # (B, L, d)
+        h = self.contextualize(x, batch.kind != KIND_PAD, batch.positions)  # (B, L, d)
+        h_query = h[torch.arange(h.shape[0], device=h.device), batch.query_index]  # (B, d)
+        options = self.ln_option(self.embed_panels(batch.options))  # (B, K, d)
+        query = self.option_heads[batch.task](h_query)  # (B, d)
         return (options @ query[:, :, None]).squeeze(-1).float() / math.sqrt(self.config.d_model)
 
-    def task_losses(self, task: str, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scalar loss, scores) of one task batch. Option tasks: cross-entropy, (B, K) option
-        logits. reading_order: pairwise logistic loss, (B, P) Borda panel scores."""
-        logits = self.task_logits(task, batch)
-        if task == READING_ORDER:
-            valid = batch["kind"] != KIND_PAD
-            return pairwise_order_loss(logits, batch["order"]), order_scores(logits, valid)
-        return F.cross_entropy(logits, batch["label"]), logits
-
     @torch.no_grad()
-    def predict_order(self, batch: dict) -> torch.Tensor:
-        """reading_order batch -> (B, P) predicted true slot of the panel at each input position
-        (rank of its Borda score, descending); PAD at padded positions."""
-        valid = batch["kind"] != KIND_PAD
-        return scores_to_order(order_scores(self.task_logits(READING_ORDER, batch), valid), valid)
+    def predict_order(self, batch: OrderBatch) -> torch.Tensor:
+        """(B, P) predicted true slot of the panel at each input position (rank of its Borda
+        score, descending); PAD at padded positions."""
+        valid = batch.kind != KIND_PAD
+        return scores_to_order(order_scores(self.task_logits(batch), valid), valid)
 
-    def strip_loss(self, inputs: dict[str, torch.Tensor], panel_mask: torch.Tensor, *,
-                   keep_prob: float = 0.6, temperature: float = 0.1,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-        """InfoNCE between two panel-dropout views of each page of the batch (symmetric).
-
-        inputs/panel_mask as in `encode_pages`, (B, P, ...). Needs B >= 2."""
+    def strip_loss(self, batch: PageBatch, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE between two panel-dropout views of each page of the batch (symmetric); returns
+        (loss, (B, B) similarities of view a x view b). Needs B >= 2."""
+        panel_mask = batch.panel_mask
         B, P = panel_mask.shape
         uniform = torch.rand((2, B, P), generator=generator, device=panel_mask.device)
-        view_a = dropout_view(panel_mask, uniform[0], keep_prob)
-        view_b = dropout_view(panel_mask, uniform[1], keep_prob)
-        both = {k: torch.cat([v, v]) for k, v in inputs.items()}  # encode the views as one batch
+        view_a = dropout_view(panel_mask, uniform[0], batch.keep_prob)
+        view_b = dropout_view(panel_mask, uniform[1], batch.keep_prob)
+        both = {k: torch.cat([v, v]) for k, v in batch.inputs.items()}  # encode the views as one batch
         _, strips = self.encode_pages(both, torch.cat([view_a, view_b]))  # (2B, d)
         strips = F.normalize(strips.float(), dim=-1)
-        similarity = strips[:B] @ strips[B:].T / temperature  # (B, B) view a x view b
+        similarity = strips[:B] @ strips[B:].T / batch.temperature  # (B, B) view a x view b
         target = torch.arange(B, device=similarity.device)
-        return 0.5 * (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target))
+        loss = 0.5 * (F.cross_entropy(similarity, target) + F.cross_entropy(similarity.T, target))
+        return loss, similarity
 
 
 # --- losses and decoders -----------------------------------------------------------------------
@@ -415,102 +385,3 @@ def dropout_view(panel_mask: torch.Tensor, uniform: torch.Tensor, keep_prob: flo
     first = torch.where(panel_mask, uniform, torch.full_like(uniform, 2.0)).argmin(1)  # (B,)
     forced = torch.zeros_like(panel_mask).scatter(1, first[:, None], True) & panel_mask
     return keep | forced
-
-
-# --- task batches ------------------------------------------------------------------------------
-def gather_panels(tables: dict[str, torch.Tensor], refs: torch.Tensor,
-                  modalities: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Panel inputs for flat panel refs (...) (negative = no panel) from feature tables.
-
-    tables: modality -> (N * P, D) ("text" (N * P, X, D), "text_mask" (N * P, X)), rows indexed
-    by flat panel ref = page_row * max_panels + slot.
-    """
-    present = refs >= 0
-    index = refs.clamp_min(0)
-    inputs: dict[str, torch.Tensor] = {}
-    for modality in modalities:
-        if modality not in tables:
-            raise ValueError(f"the feature tables have no {modality!r} modality")
-        values = tables[modality][index]  # (..., D) or (..., X, D)
-        keep = present.reshape(present.shape + (1,) * (values.dim() - present.dim()))
-        inputs[modality] = values * keep.to(values.dtype)  # zero where there is no panel
-        inputs[f"has_{modality}"] = present
-    if "text" in modalities:
-        inputs["text_mask"] = tables["text_mask"][index] & present[..., None]  # (..., X)
-    return inputs
-
-
-def _reorder_boxes(inputs: dict[str, torch.Tensor], box_order: torch.Tensor) -> None:
-    """Show each panel's text boxes in `box_order` (..., X) (PAD after its boxes), in place."""
-    index = box_order.clamp_min(0)  # (..., X)
-    text = inputs["text"]  # (..., X, D)
-    inputs["text"] = torch.gather(text, -2, index[..., None].expand(*index.shape, text.shape[-1]))
-    inputs["text_mask"] = torch.gather(inputs["text_mask"], -1, index) & (box_order >= 0)
-
-
-def task_inputs(task: str, samples: dict[str, torch.Tensor], tables: dict[str, torch.Tensor],
-                modalities: tuple[str, ...], max_panels: int) -> dict:
-    """Model inputs of one task batch from its index fields (see schema.TaskDataset), gathered
-    from feature tables (see `gather_panels`) by torch indexing only.
-
-    Returns {"context": panel inputs (B, L, ...), "kind": (B, L), "positions": (B, L) or None,
-    "query_index": (B,), "options": panel inputs (B, K, ...), "label": (B,)} for option tasks;
-    reading_order: {"context", "kind", "positions": None, "order": (B, P)}.
-    """
-    P = max_panels
-    page = samples["page"].long()  # (B,)
-    B = page.shape[0]
-    device = page.device
-    if task == READING_ORDER:
-        order = samples["order"].long()  # (B, P) true slot shown at each input position
-        refs = torch.where(order >= 0, page[:, None] * P + order, torch.full_like(order, -1))
-        context = gather_panels(tables, refs, modalities)
-        kind = torch.where(order >= 0, KIND_PANEL, KIND_PAD)
-        # positions None: the shuffled input carries no signal of the true order
-        return {"context": context, "kind": kind, "positions": None, "order": order}
-    if task not in OPTION_TASKS:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-
-    L = P + 1
-    rows = torch.arange(B, device=device)
-    positions = torch.arange(L, device=device).expand(B, L)
-    if task == "caption_relevance":
-        # the caption of panel s alone at position 0, the query at position 1
-        refs = torch.full((B, L), -1, dtype=torch.long, device=device)
-        refs[:, 0] = samples["caption_of"].long()
-        kind = torch.full((B, L), KIND_PAD, dtype=torch.long, device=device)
-        kind[:, 0] = KIND_PANEL
-        kind[:, 1] = KIND_QUERY
-        query_index = torch.ones(B, dtype=torch.long, device=device)
-        context = gather_panels(tables, refs, ("caption",))
-    else:
-        slots = F.pad(samples["context"].long(), (0, 1), value=PAD)  # (B, L)
-        refs = torch.where(slots >= 0, page[:, None] * P + slots, torch.full_like(slots, -1))
-        kind = torch.where(slots >= 0, KIND_PANEL, torch.where(slots == MASK, KIND_MASK, KIND_PAD))
-        if task == "sequence_filling":
-            query_index = (slots == MASK).long().argmax(1)  # the output at the mask token
-        else:
-            query_index = (slots != PAD).sum(1)  # the position right after the context
-            kind[rows, query_index] = KIND_QUERY
-        if task in ("text_closure", "text_cloze"):
-            refs[rows, query_index] = samples["option_visual"].long()
-        context = gather_panels(tables, refs, modalities)
-        if task in ("text_closure", "text_cloze"):
-            # only the answer panel's visual stands at the query (fused/text would hold the answer)
-            not_query = kind != KIND_QUERY
-            for modality in modalities:
-                if modality != "visual":
-                    context[f"has_{modality}"] = context[f"has_{modality}"] & not_query
-
-    option_refs = samples["options"].long()  # (B, K)
-    if task in ("sequence_filling", "caption_relevance"):
-        options = gather_panels(tables, option_refs, ("fused",))
-    elif task == "visual_closure":
-        options = gather_panels(tables, option_refs, ("fused",) if "fused" in modalities else ("visual",))
-    elif task in ("text_closure", "text_cloze"):
-        options = gather_panels(tables, option_refs, ("text",))
-    else:  # character_coherence: the same panel, its boxes in each option's order
-        options = gather_panels(tables, option_refs, ("visual", "text"))
-        _reorder_boxes(options, samples["box_order"].long())
-    return {"context": context, "kind": kind, "positions": positions, "query_index": query_index,
-            "options": options, "label": samples["label"].long()}

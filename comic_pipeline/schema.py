@@ -12,8 +12,12 @@ against: ``page_row`` is a row of that table (comics sorted by id, pages in read
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import json
 from dataclasses import dataclass, field
+from typing import Mapping
+
 import numpy as np
 
 from comic_pipeline import fileio
@@ -34,66 +38,10 @@ MASK = -2  # in a context array: "a learned mask token stands at this position"
 
 
 # --- tasks ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    n_options: int  # K; 0 for reading_order (predicts a permutation)
-    # The task can be generated when the store has ALL modalities of ANY one of these sets.
-    needs: tuple[frozenset[str], ...]
-    description: str
-
-    @property
-    def chance(self) -> float:
-        """Chance accuracy of a uniform guess (reading order: exact-match of a random order is
-        per-sample, so the dataset's own metadata carries it)."""
-        return 1.0 / self.n_options if self.n_options else float("nan")
-
-    def missing(self, available: set[str] | frozenset[str]) -> str | None:
-        """None when generable from `available`, else the reason it must be skipped."""
-        if any(alternative <= set(available) for alternative in self.needs):
-            return None
-        wanted = " or ".join("+".join(sorted(a)) for a in self.needs)
-        have = ", ".join(sorted(available)) or "nothing"
-        return f"needs {wanted}; the store has {have}"
-
-
-TASKS: dict[str, TaskSpec] = {
-    spec.name: spec
-    for spec in (
-        TaskSpec(
-            "sequence_filling", 5, (frozenset({"fused"}),),
-            "A page with one panel replaced by a mask token; pick the missing panel of 5.",
-        ),
-        TaskSpec(
-            "visual_closure", 5, (frozenset({"fused"}), frozenset({"visual"})),
-            "The first s panels of a page (s varies per sample); pick panel s+1 of 5.",
-        ),
-        TaskSpec(
-            "text_closure", 4, (frozenset({"visual", "text"}),),
-            "The first s panels; panel s+1's visual is shown with its own text or the text of 3 other "
-            "panels; pick the true text.",
-        ),
-        TaskSpec(
-            "caption_relevance", 4, (frozenset({"caption", "fused"}),),
-            "The caption of panel s alone; pick panel s+1 of 4.",
-        ),
-        TaskSpec(
-            "character_coherence", 2, (frozenset({"visual", "text"}),),
-            "The first s panels, then panel s+1 with at least two text boxes, in true or swapped box "
-            "order; pick the true order.",
-        ),
-        TaskSpec(
-            "text_cloze", 3, (frozenset({"visual", "text"}),),
-            "Three panels (visual + text), then the next panel's visual; pick its text of 3 "
-            "(easy: distractors from other comics, hard: from neighbouring pages).",
-        ),
-        TaskSpec(
-            "reading_order", 0, (frozenset({"fused"}),),
-            "A page's panels shuffled with no positional signal of the true order; recover it.",
-        ),
-    )
-}
-TASK_NAMES = tuple(TASKS)
+# The names of the seven tasks (asset keys use them). What each task IS -- what it needs, how its
+# samples are drawn, how its options are scored -- is its spec in comic_pipeline.tasks.TASKS.
+TASK_NAMES = ("sequence_filling", "visual_closure", "text_closure", "caption_relevance",
+              "character_coherence", "text_cloze", "reading_order")
 
 
 # --- in-memory page features -----------------------------------------------------------------
@@ -164,72 +112,140 @@ class PageFeatures:
         return PageFeatures(**joined)
 
 
+# --- samples --------------------------------------------------------------------------------
+@dataclass
+class Samples:
+    """Index-based samples of one split, the sample axis first in every field. The arrays may be
+    numpy (datasets) or torch tensors on a device (batching): `map` converts, `take` indexes."""
+
+    page: np.ndarray  # (N,) int32 page row of the sample's page
+
+    def fields(self) -> dict[str, np.ndarray]:
+        """name -> array of every field present (the on-disk form)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None}
+
+    def __len__(self) -> int:
+        return int(self.page.shape[0])
+
+    def take(self, index):
+        """The samples at `index` (an index array or a boolean mask) in a container of this kind."""
+        return type(self)(**{name: array[index] for name, array in self.fields().items()})
+
+    def map(self, convert):
+        return type(self)(**{name: convert(array) for name, array in self.fields().items()})
+
+    @classmethod
+    def concatenate(cls, parts: list["Samples"]) -> "Samples":
+        names = parts[0].fields()
+        return cls(**{name: np.concatenate([p.fields()[name] for p in parts]) for name in names})
+
+
+@dataclass
+class OptionSamples(Samples):
+    """Samples of an option task: a context, K options, the index of the true one (K = n_options).
+
+    Panels are flat refs (page_row * max_panels + slot)."""
+
+    context: np.ndarray = None  # (N, P) int16 slots of `page` fed to the encoder in order; PAD
+    #                             after the end; MASK where the learned mask token stands
+    options: np.ndarray = None  # (N, K) int64 flat panel refs of the options
+    label: np.ndarray = None  # (N,) int16 index of the true option
+    # what some tasks add (see the task's spec in comic_pipeline.tasks):
+    option_visual: np.ndarray | None = None  # (N,) int64 panel whose VISUAL every option shows
+    #                                          (the options name the panels whose text is used)
+    caption_of: np.ndarray | None = None  # (N,) int64 panel whose caption is the only context
+    box_order: np.ndarray | None = None  # (N, K, B) int16 box permutation per option, PAD after
+    variant: np.ndarray | None = None  # (N,) int8 code of the sample's variant (attrs["variants"])
+
+    def __post_init__(self):
+        for name in ("context", "options", "label"):
+            if getattr(self, name) is None:
+                raise ValueError(f"OptionSamples: field {name!r} is required")
+
+    @property
+    def n_options(self) -> int:
+        return int(self.options.shape[1])
+
+
+@dataclass
+class OrderSamples(Samples):
+    """Samples of an ordering task: a page shown in a shuffled order."""
+
+    order: np.ndarray = None  # (N, P) int16 order[i] = true slot of the panel shown at input i; PAD
+
+    def __post_init__(self):
+        if self.order is None:
+            raise ValueError("OrderSamples: field 'order' is required")
+
+
+def samples_from_fields(fields: Mapping[str, np.ndarray]) -> Samples:
+    """The typed container of a split from its named arrays (as a file stores them)."""
+    kind = OrderSamples if "order" in fields else OptionSamples
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(fields) - known
+    if unknown:
+        raise ValueError(f"{kind.__name__}: unknown fields {sorted(unknown)}; known {sorted(known)}")
+    missing = {"page"} - set(fields)
+    if missing:
+        raise ValueError(f"{kind.__name__}: missing fields {sorted(missing)}")
+    return kind(**dict(fields))
+
+
 # --- task datasets ----------------------------------------------------------------------------
 @dataclass
 class TaskDataset:
     """Index-based samples of one task for every split.
 
     ``comic_ids``/``page_numbers`` is the page table the samples index (row = page_row).
-    ``splits[split]`` maps field name -> array with the sample axis first. Fields:
-
-    option tasks (K = spec.n_options):
-      page     int32 (N,)     context page row
-      context  int16 (N, P)   slots of `page` fed to the encoder in order; PAD after the end;
-                              MASK marks the position of the learned mask token
-      options  int64 (N, K)   flat panel refs of the options
-      label    int16 (N,)     index of the true option
-    task-specific:
-      text_closure, text_cloze: option_visual int64 (N,) flat ref of the panel whose *visual*
-                              every option shows; `options` name the panels whose *text* is used
-      text_cloze:             variant int8 (N,)  0 = easy, 1 = hard
-      caption_relevance:      caption_of int64 (N,) flat ref whose caption is the only context
-                              (`context` is all PAD)
-      character_coherence:    box_order int16 (N, K, B) box permutation of the answer panel per
-                              option (PAD after its boxes); options[:, k] are all that panel
-    reading_order:
-      page     int32 (N,)
-      order    int16 (N, P)   order[i] = true slot of the panel shown at input position i; PAD
+    ``splits[split]`` is an OptionSamples or OrderSamples (a mapping of named arrays is accepted
+    and converted).
     """
 
     task: str
     comic_ids: np.ndarray  # (N_pages,) str
     page_numbers: np.ndarray  # (N_pages,) int32
     max_panels: int
-    splits: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    splits: dict[str, Samples] = field(default_factory=dict)
     attrs: dict[str, object] = field(default_factory=dict)  # seed, policy, K, chance, ...
+
+    def __post_init__(self):
+        self.splits = {split: samples if isinstance(samples, Samples) else samples_from_fields(samples)
+                       for split, samples in self.splits.items()}
 
     def fingerprint(self) -> str:
         """A short content hash of the samples, page table and attrs."""
-        import hashlib
-        import json
-
         digest = hashlib.sha256(json.dumps([self.task, self.max_panels, self.attrs], sort_keys=True,
                                            default=str).encode())
         for array in (self.comic_ids, self.page_numbers):
             digest.update(np.ascontiguousarray(array).tobytes())
         for split in sorted(self.splits):
-            for name in sorted(self.splits[split]):
+            fields = self.splits[split].fields()
+            for name in sorted(fields):
                 digest.update(f"{split}/{name}".encode())
-                digest.update(np.ascontiguousarray(self.splits[split][name]).tobytes())
+                digest.update(np.ascontiguousarray(fields[name]).tobytes())
         return digest.hexdigest()[:16]
 
     def n_samples(self, split: str) -> int:
-        fields = self.splits.get(split) or {}
-        return int(next(iter(fields.values())).shape[0]) if fields else 0
+        samples = self.splits.get(split)
+        return len(samples) if samples is not None else 0
+
+    @property
+    def n_options(self) -> int:
+        """K of this dataset (0 for an ordering task): its own, not the spec's default."""
+        return int(self.attrs.get("n_options", 0))
 
 
 def save_task_dataset(url: str, dataset: TaskDataset) -> None:
     """Write `dataset` as one .npz at `url` (path or fsspec URL), atomically."""
-    import json
-
     arrays: dict[str, np.ndarray] = {
         "comic_ids": np.asarray(dataset.comic_ids, dtype=str),
         "page_numbers": np.asarray(dataset.page_numbers, dtype=np.int32),
         "meta": np.asarray(json.dumps({"task": dataset.task, "max_panels": dataset.max_panels,
                                        "attrs": dataset.attrs})),
     }
-    for split, fields in dataset.splits.items():
-        for name, array in fields.items():
+    for split, samples in dataset.splits.items():
+        for name, array in samples.fields().items():
             arrays[f"{split}__{name}"] = array
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
@@ -237,8 +253,6 @@ def save_task_dataset(url: str, dataset: TaskDataset) -> None:
 
 
 def load_task_dataset(url: str) -> TaskDataset:
-    import json
-
     with fileio.open_binary(url) as handle, np.load(handle, allow_pickle=False) as npz:
         meta = json.loads(str(npz["meta"]))
         splits: dict[str, dict[str, np.ndarray]] = {}

@@ -21,7 +21,18 @@ import numpy as np
 import pandas as pd
 
 from comic_pipeline import metrics
-from comic_pipeline.schema import MASK, PAD, SPLITS, TASKS, PageFeatures, TaskDataset, page_table_matches
+from comic_pipeline.schema import (
+    MASK,
+    PAD,
+    SPLITS,
+    OptionSamples,
+    OrderSamples,
+    PageFeatures,
+    Samples,
+    TaskDataset,
+    page_table_matches,
+)
+from comic_pipeline.tasks import TASK_NAMES, OptionTask, spec_of
 
 HEURISTICS: tuple[str, ...] = (
     "most_similar_to_context_mean",
@@ -39,22 +50,20 @@ HEURISTICS: tuple[str, ...] = (
     "median_similarity_to_last_context",
 )
 ORDER_HEURISTICS: tuple[str, ...] = ("keep_input_order", "nearest_neighbour_chain", "most_central_first")
-TEXT_OPTION_TASKS = ("text_closure", "text_cloze")
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _samples(dataset: TaskDataset, split: str) -> dict[str, np.ndarray]:
+def _samples(dataset: TaskDataset, split: str) -> Samples | None:
+    """The samples of `split` ("all": every split's), None when there are none."""
     if split == "all":
         parts = [dataset.splits[s] for s in SPLITS if dataset.n_samples(s)]
-        if not parts:
-            return {}
-        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        return type(parts[0]).concatenate(parts) if parts else None
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {list(SPLITS)} or 'all'")
-    return dataset.splits.get(split, {})
+    return dataset.splits[split] if dataset.n_samples(split) else None
 
 
 def _pick(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -66,17 +75,17 @@ def _pick(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class _OptionView:
     """What one option task's samples look like to a heuristic (vectors, contexts, contents)."""
 
-    def __init__(self, dataset: TaskDataset, features: PageFeatures, fields: dict[str, np.ndarray]):
+    def __init__(self, spec: OptionTask, dataset: TaskDataset, features: PageFeatures, samples: OptionSamples):
         task = dataset.task
         P = features.max_panels
-        page = fields["page"].astype(np.int64)  # (N,)
-        context = fields["context"].astype(np.int64)  # (N, P)
-        options = fields["options"]  # (N, K) flat refs
+        page = samples.page.astype(np.int64)  # (N,)
+        context = samples.context.astype(np.int64)  # (N, P)
+        options = samples.options  # (N, K) flat refs
         option_rows, option_slots = options // P, options % P
         in_context = context >= 0  # (N, P) positions holding a real panel (not PAD / MASK)
         context_slots = np.where(in_context, context, 0)
 
-        if task in TEXT_OPTION_TASKS or task == "character_coherence":
+        if spec.option_kind in ("text", "box_order"):
             if features.text is None or features.text_mask is None:
                 raise ValueError(f"{task}: the features hold no text to audit against")
             box_mask = features.text_mask & features.panel_mask[:, :, None]  # (N_pages, P, B)
@@ -89,10 +98,10 @@ class _OptionView:
             self.context_mean = ctx_boxes.sum(axis=(1, 2))
             last_position = np.where(ctx_has_text, np.arange(P)[None, :], -1).max(axis=1)  # (N,)
             last_slot = context_slots[np.arange(len(page)), np.maximum(last_position, 0)]
-            if task == "character_coherence":
+            if spec.option_kind == "box_order":
                 last_box = np.maximum(n_boxes[page, last_slot] - 1, 0)
                 last_vector = text[page, last_slot, last_box]
-                box_order = fields["box_order"].astype(np.int64)  # (N, K, B)
+                box_order = samples.box_order.astype(np.int64)  # (N, K, B)
                 # an option is its boxes in the order shown; similarity sees the first one
                 shown = text[option_rows[:, :, None], option_slots[:, :, None], np.maximum(box_order, 0)]
                 shown = shown * (box_order >= 0)[..., None]  # (N, K, B, D)
@@ -113,8 +122,8 @@ class _OptionView:
                 raise ValueError(f"{task}: the features hold no {modality!r} vectors to audit")
             self.vectors = values[option_rows, option_slots]  # (N, K, D)
             self.content = self.vectors
-            if task == "caption_relevance":
-                described = fields["caption_of"]
+            if spec.context_kind == "caption":
+                described = samples.caption_of
                 caption = features.caption[described // P, described % P]  # (N, D)
                 self.context_mean = caption
                 self.context_last = caption
@@ -122,7 +131,7 @@ class _OptionView:
             else:
                 ctx = _unit(values[page[:, None], context_slots]) * in_context[:, :, None]  # (N, P, D)
                 self.context_mean = ctx.sum(axis=1)
-                if task == "sequence_filling":
+                if spec.query == "mask":
                     # the panel next to the masked one: before it, or after it when it is first
                     mask_position = np.argmax(context == MASK, axis=1)
                     anchor = np.where(mask_position > 0, mask_position - 1, mask_position + 1)
@@ -162,11 +171,11 @@ class _OptionView:
         }
 
 
-def _reading_order_predictions(features: PageFeatures, fields: dict[str, np.ndarray],
+def _reading_order_predictions(features: PageFeatures, samples: OrderSamples,
                                rng: np.random.Generator) -> dict[str, np.ndarray]:
     """heuristic -> (N, P) predicted order (predicted true slot of each input position; PAD)."""
-    page = fields["page"].astype(np.int64)
-    order = fields["order"].astype(np.int64)  # (N, P)
+    page = samples.page.astype(np.int64)
+    order = samples.order.astype(np.int64)  # (N, P)
     valid = order != PAD
     N, P = order.shape
     shown = _unit(features.fused[page[:, None], np.maximum(order, 0)]) * valid[..., None]  # (N, P, D)
@@ -209,15 +218,16 @@ def shortcut_predictions(dataset: TaskDataset, features: PageFeatures, split: st
     """heuristic -> (N,) chosen option index; for reading_order heuristic -> (N, P) order."""
     if not page_table_matches(dataset, features):
         raise ValueError(f"{dataset.task}: the dataset's page table does not match these features")
-    fields = _samples(dataset, split)
-    rng = np.random.default_rng([seed, list(TASKS).index(dataset.task)])
-    if not fields:
-        shape = (0, dataset.max_panels) if dataset.task == "reading_order" else (0,)
-        names = ORDER_HEURISTICS if dataset.task == "reading_order" else HEURISTICS
+    spec = spec_of(dataset.task)
+    samples = _samples(dataset, split)
+    rng = np.random.default_rng([seed, TASK_NAMES.index(dataset.task)])
+    if samples is None:
+        shape = (0, dataset.max_panels) if spec.family == "order" else (0,)
+        names = ORDER_HEURISTICS if spec.family == "order" else HEURISTICS
         return {name: np.zeros(shape, dtype=np.int64) for name in names}
-    if dataset.task == "reading_order":
-        return _reading_order_predictions(features, fields, rng)
-    scores = _OptionView(dataset, features, fields).scores()
+    if spec.family == "order":
+        return _reading_order_predictions(features, samples, rng)
+    scores = _OptionView(spec, dataset, features, samples).scores()
     return {name: _pick(score, rng) for name, score in scores.items()}
 
 
@@ -233,11 +243,12 @@ def shortcut_scores(dataset: TaskDataset, features: PageFeatures, split: str,
 
     text_cloze also gets rows per variant (task "text_cloze[easy]" / "text_cloze[hard]").
     """
-    fields = _samples(dataset, split)
+    spec = spec_of(dataset.task)
+    samples = _samples(dataset, split)
     predictions = shortcut_predictions(dataset, features, split, seed)
     rows = []
-    if dataset.task == "reading_order":
-        order = fields.get("order", np.zeros((0, dataset.max_panels), dtype=np.int64))
+    if spec.family == "order":
+        order = samples.order if samples is not None else np.zeros((0, dataset.max_panels), dtype=np.int64)
         chance = {"pairwise_accuracy": 0.5, "exact_match": _reading_order_chance(order), "kendall_tau": 0.0}
         for name, predicted in predictions.items():
             values = {
@@ -249,12 +260,12 @@ def shortcut_scores(dataset: TaskDataset, features: PageFeatures, split: str,
                 value = float(np.nanmean(per_sample)) if len(per_sample) else float("nan")
                 rows.append((dataset.task, name, metric, value, chance[metric], len(order)))
     else:
-        label = fields.get("label", np.zeros(0, dtype=np.int64))
-        K = int(dataset.attrs.get("n_options", TASKS[dataset.task].n_options))
+        label = samples.label if samples is not None else np.zeros(0, dtype=np.int64)
+        K = dataset.n_options or spec.n_options
         groups = {dataset.task: np.ones(len(label), dtype=bool)}
-        if dataset.task == "text_cloze" and len(label):
-            for variant, code in (("easy", 0), ("hard", 1)):
-                groups[f"text_cloze[{variant}]"] = fields["variant"] == code
+        if spec.variants and len(label):
+            for code, variant in enumerate(spec.variants):
+                groups[f"{dataset.task}[{variant}]"] = samples.variant == code
         for task_name, rows_of in groups.items():
             for name, chosen in predictions.items():
                 n = int(rows_of.sum())
@@ -274,7 +285,7 @@ def shortcut_accuracies(dataset: TaskDataset, features: PageFeatures, split: str
     tau are in shortcut_scores.
     """
     table = shortcut_scores(dataset, features, split, seed)
-    metric = "exact_match" if dataset.task == "reading_order" else "accuracy"
+    metric = "exact_match" if spec_of(dataset.task).family == "order" else "accuracy"
     table = table[(table["task"] == dataset.task) & (table["metric"] == metric)]
     return dict(zip(table["heuristic"], table["value"].astype(float)))
 

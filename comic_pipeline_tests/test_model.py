@@ -11,19 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from comic_pipeline.model import (
+from comic_pipeline.batching import (
     KIND_MASK,
     KIND_QUERY,
+    OrderBatch,
+    TaskBatches,
+    feature_tables,
+    task_batch,
+)
+from comic_pipeline.model import (
     ModelConfig,
     SequenceModel,
     dropout_view,
     order_scores,
     pairwise_order_loss,
     scores_to_order,
-    task_inputs,
 )
-from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, TASKS, PageFeatures, TaskDataset
-from comic_pipeline.training import feature_tables
+from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, PageFeatures, TaskDataset
+from comic_pipeline.tasks import TASKS
+from comic_pipeline.training import TrainConfig
 
 
 # --- a synthetic problem -----------------------------------------------------------------------
@@ -157,16 +163,15 @@ def synthetic_problem(n_comics: int = 12, pages_per_comic: int = 8, max_panels: 
 
 
 def tiny_model(features: PageFeatures, **overrides) -> SequenceModel:
-    config = ModelConfig.preset("tiny", dim=features.dim, max_panels=features.max_panels,
-                                max_boxes=features.max_boxes, modalities=tuple(features.modalities), **overrides)
+    config = TrainConfig.from_preset("tiny", **overrides).model_config(features)
     torch.manual_seed(0)
     return SequenceModel(config)
 
 
 def batch_of(task: str, features: PageFeatures, dataset: TaskDataset, n: int = 8, split: str = "train"):
-    fields = {k: torch.as_tensor(v[:n]) for k, v in dataset.splits[split].items()}
-    return task_inputs(task, fields, feature_tables(features, torch.device("cpu")),
-                       tuple(sorted(features.modalities)), features.max_panels)
+    samples = dataset.splits[split].take(np.arange(n)).map(torch.as_tensor)
+    return task_batch(TASKS[task], samples, feature_tables(features, torch.device("cpu")),
+                      tuple(sorted(features.modalities)), features.max_panels)
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +185,10 @@ def test_synthetic_problem_follows_the_contract(problem):
     assert set(datasets) == set(TASK_NAMES)
     for task, dataset in datasets.items():
         assert dataset.n_samples("train") > 10, task
-        fields = dataset.splits["train"]
+        samples = dataset.splits["train"]
         if TASKS[task].n_options:
-            assert fields["options"].shape[1] == TASKS[task].n_options
-            refs = fields["options"]
+            assert samples.options.shape[1] == TASKS[task].n_options
+            refs = samples.options
             assert features.panel_mask.reshape(-1)[refs].all(), task
 
 
@@ -206,20 +211,20 @@ def test_wrong_input_dim_is_a_clear_error(problem):
     with pytest.raises(ValueError, match=r"dim 7.*expect dim 16"):
         model(torch.ones(2, features.max_panels, 7))
     with pytest.raises(ValueError, match="preset"):
-        ModelConfig.preset("huge", dim=4, max_panels=4)
+        TrainConfig.from_preset("huge")
 
 
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_trains_the_encoder(problem, task):
     features, datasets = problem
     model = tiny_model(features)
-    loss, logits = model.task_losses(task, batch_of(task, features, datasets[task]))
+    loss, logits = model(batch_of(task, features, datasets[task]))
     assert torch.isfinite(loss)
     loss.backward()
     for index, block in enumerate(model.blocks):
         for name, p in block.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{task}: block {index} {name} got no gradient"
-    if task == "reading_order":
+    if TASKS[task].family == "order":
         assert logits.shape == (8, features.max_panels)  # Borda panel scores
     else:
         assert logits.shape == (8, TASKS[task].n_options)
@@ -229,10 +234,8 @@ def test_strip_loss_trains_the_pooling_query(problem):
     features, _ = problem
     model = tiny_model(features)
     tables = feature_tables(features, torch.device("cpu"))
-    from comic_pipeline.training import TaskBatches
-
-    inputs, panel_mask = TaskBatches({}, features).pages(np.arange(16))
-    loss = model.strip_loss(inputs, panel_mask, generator=torch.Generator().manual_seed(0))
+    loss, _ = model.strip_loss(TaskBatches({}, features).pages(np.arange(16)),
+                               generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     assert model.strip_query.grad.abs().sum() > 0
@@ -243,28 +246,28 @@ def test_strip_loss_trains_the_pooling_query(problem):
 def test_sequence_filling_hides_the_answer_and_text_queries_show_only_visual(problem):
     features, datasets = problem
     batch = batch_of("sequence_filling", features, datasets["sequence_filling"])
-    at_mask = batch["kind"] == KIND_MASK
+    at_mask = batch.kind == KIND_MASK
     assert (at_mask.sum(1) == 1).all()
     for modality in features.modalities:
-        assert not batch["context"][f"has_{modality}"][at_mask].any()  # no features at the mask
-    assert (batch["query_index"] == at_mask.long().argmax(1)).all()
+        assert not batch.context[f"has_{modality}"][at_mask].any()  # no features at the mask
+    assert (batch.query_index == at_mask.long().argmax(1)).all()
     for task in ("text_closure", "text_cloze"):
         batch = batch_of(task, features, datasets[task])
-        at_query = batch["kind"] == KIND_QUERY
+        at_query = batch.kind == KIND_QUERY
         assert (at_query.sum(1) == 1).all()
-        assert batch["context"]["has_visual"][at_query].all()
+        assert batch.context["has_visual"][at_query].all()
         for modality in ("fused", "text", "caption"):
-            assert not batch["context"][f"has_{modality}"][at_query].any(), (task, modality)
+            assert not batch.context[f"has_{modality}"][at_query].any(), (task, modality)
 
 
 def test_character_coherence_options_differ_only_by_box_order(problem):
     features, datasets = problem
     model = tiny_model(features).eval()
     batch = batch_of("character_coherence", features, datasets["character_coherence"])
-    options = model.embed_panels(batch["options"])  # (B, 2, d)
+    options = model.embed_panels(batch.options)  # (B, 2, d)
     assert not torch.allclose(options[:, 0], options[:, 1])
     # the same multiset of boxes: only the order (box-position embedding) separates the options
-    text = batch["options"]["text"]
+    text = batch.options["text"]
     assert torch.allclose(text[:, 0].sum(1), text[:, 1].sum(1), atol=1e-5)
 
 
@@ -272,22 +275,20 @@ def test_reading_order_input_carries_no_positional_signal(problem):
     features, datasets = problem
     model = tiny_model(features).eval()
     batch = batch_of("reading_order", features, datasets["reading_order"])
-    assert batch["positions"] is None
-    scores = model.task_logits("reading_order", batch)  # (B, P, P) pair logits
+    assert isinstance(batch, OrderBatch)  # no slot positions at all
+    scores = model.task_logits(batch)  # (B, P, P) pair logits
     # shuffle the input positions of every sample: the logits move with their panels
     perm = torch.randperm(features.max_panels, generator=torch.Generator().manual_seed(1))
-    permuted = {
-        "context": {k: v[:, perm] for k, v in batch["context"].items()},
-        "kind": batch["kind"][:, perm], "positions": None, "order": batch["order"][:, perm],
-    }
-    assert torch.allclose(model.task_logits("reading_order", permuted), scores[:, perm][:, :, perm], atol=1e-5)
+    permuted = OrderBatch(batch.task, {k: v[:, perm] for k, v in batch.context.items()},
+                          batch.kind[:, perm], batch.order[:, perm])
+    assert torch.allclose(model.task_logits(permuted), scores[:, perm][:, :, perm], atol=1e-5)
     assert torch.allclose(scores, -scores.transpose(1, 2))  # antisymmetric: P(i<j) + P(j<i) = 1
     predicted = model.predict_order(batch)
-    valid = batch["order"] >= 0
+    valid = batch.order >= 0
     assert ((predicted >= 0) == valid).all()
     # every page's prediction is a permutation of its slots
     assert torch.equal(torch.sort(predicted.masked_fill(~valid, 99), 1).values,
-                       torch.sort(batch["order"].masked_fill(~valid, 99), 1).values)
+                       torch.sort(batch.order.masked_fill(~valid, 99), 1).values)
 
 
 def test_pairwise_order_loss_and_decoder():
@@ -316,8 +317,8 @@ def test_dropout_view_keeps_a_panel_per_page():
 
 
 def test_config_round_trip():
-    config = ModelConfig.preset("demo", dim=8, max_panels=6, max_boxes=2, modalities=("text", "fused"),
-                                n_layers=1)
+    config = ModelConfig(dim=8, max_panels=6, max_boxes=2, modalities=("text", "fused"), n_layers=1,
+                         d_model=16, n_heads=2)
     assert config.modalities == ("fused", "text") and config.n_layers == 1
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="max_boxes"):

@@ -50,13 +50,13 @@ def test_the_audit_catches_the_prototype_shortcuts(demo):
 
     # prototype-like: every distractor is the same panel drawn again
     with_replacement = dataclasses.replace(datasets["visual_closure"], splits={
-        split: dict(fields) for split, fields in datasets["visual_closure"].splits.items()})
+        split: dataclasses.replace(samples) for split, samples in datasets["visual_closure"].splits.items()})
     test = with_replacement.splits["test"]
-    options, label = test["options"].copy(), test["label"].astype(int)
+    options, label = test.options.copy(), test.label.astype(int)
     first_distractor = np.where(label == 0, options[:, 1], options[:, 0])
     distractor = np.arange(options.shape[1])[None] != label[:, None]
     options[distractor] = np.repeat(first_distractor, options.shape[1] - 1)
-    test["options"] = options
+    test.options = options
     assert shortcuts.shortcut_accuracies(with_replacement, features, "test")["duplicates_nothing"] > 0.95
 
 
@@ -74,9 +74,9 @@ def test_predictions_have_one_choice_per_sample(demo):
         predictions = shortcuts.shortcut_predictions(dataset, features, "val", seed=1)
         n = dataset.n_samples("val")
         for name, chosen in predictions.items():
-            if task == "reading_order":
+            if tasks.TASKS[task].family == "order":
                 assert chosen.shape == (n, dataset.max_panels)
-                valid = dataset.splits["val"]["order"] >= 0
+                valid = dataset.splits["val"].order >= 0
                 for row, ok in zip(chosen[:50], valid[:50]):
                     assert sorted(row[ok]) == list(range(ok.sum()))  # a permutation
             else:
@@ -97,7 +97,7 @@ def probe_accuracy(dataset, inputs, targets, input_refs, split_fields=SPLITS):
     """Ridge from inputs[input_refs(fields)] to targets[answer] on train; on each other split pick
     the option whose target vector is nearest (cosine) to the prediction."""
     def answer(fields):
-        return np.take_along_axis(fields["options"], fields["label"][:, None].astype(int), axis=1)[:, 0]
+        return np.take_along_axis(fields.options, fields.label[:, None].astype(int), axis=1)[:, 0]
 
     train = dataset.splits["train"]
     weights = ridge(inputs[input_refs(train)], targets[answer(train)])
@@ -105,8 +105,8 @@ def probe_accuracy(dataset, inputs, targets, input_refs, split_fields=SPLITS):
     for split in ("val", "test"):
         fields = dataset.splits[split]
         predicted = unit(inputs[input_refs(fields)] @ weights)  # (N, D)
-        scores = np.einsum("nkd,nd->nk", targets[fields["options"]], predicted)
-        accuracy[split] = float(np.mean(np.argmax(scores, axis=1) == fields["label"]))
+        scores = np.einsum("nkd,nd->nk", targets[fields.options], predicted)
+        accuracy[split] = float(np.mean(np.argmax(scores, axis=1) == fields.label))
     return accuracy
 
 
@@ -117,8 +117,8 @@ def test_visual_closure_is_learnable_by_a_linear_probe(demo):
     fused = unit(features.fused).reshape(-1, features.dim)
 
     def last_context_panel(fields):
-        last = (fields["context"] >= 0).sum(axis=1) - 1
-        return fields["page"].astype(np.int64) * P + fields["context"][np.arange(len(last)), last]
+        last = (fields.context >= 0).sum(axis=1) - 1
+        return fields.page.astype(np.int64) * P + fields.context[np.arange(len(last)), last]
 
     accuracy = probe_accuracy(dataset, fused, fused, last_context_panel)
     print("visual_closure linear probe", accuracy)
@@ -134,7 +134,7 @@ def test_text_tasks_are_learnable_by_a_linear_probe(demo, task):
     visual = unit(features.visual).reshape(-1, features.dim)
     boxes = unit(features.text) * features.text_mask[..., None]
     panel_text = unit(boxes.sum(axis=2)).reshape(-1, features.dim)
-    accuracy = probe_accuracy(dataset, visual, panel_text, lambda fields: fields["option_visual"])
+    accuracy = probe_accuracy(dataset, visual, panel_text, lambda fields: fields.option_visual)
     print(f"{task} linear probe", accuracy)
     for split, value in accuracy.items():
         assert value >= dataset.attrs["chance"] + PROBE_MARGIN, (split, value)

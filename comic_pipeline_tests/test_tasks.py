@@ -38,8 +38,8 @@ def easy_datasets(features, split_of):
 
 def all_samples(dataset):
     """Every split's samples with a `split` field added."""
-    parts = [dict(fields, split=np.full(dataset.n_samples(s), s)) for s, fields in dataset.splits.items()
-             if dataset.n_samples(s)]
+    parts = [dict(samples.fields(), split=np.full(dataset.n_samples(s), s))
+             for s, samples in dataset.splits.items() if dataset.n_samples(s)]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
@@ -72,8 +72,8 @@ def test_assign_splits_is_stable_per_comic_and_roughly_proportional():
 def test_no_comic_in_two_splits_and_samples_follow_their_comic(datasets, split_of):
     for task, dataset in datasets.items():
         seen = {}
-        for split, fields in dataset.splits.items():
-            comics = set(dataset.comic_ids[fields["page"]]) if dataset.n_samples(split) else set()
+        for split, samples in dataset.splits.items():
+            comics = set(dataset.comic_ids[samples.page]) if dataset.n_samples(split) else set()
             assert all(split_of[c] == split for c in comics), task
             for c in comics:
                 assert seen.setdefault(c, split) == split, f"{task}: {c} in two splits"
@@ -198,8 +198,8 @@ def test_the_answer_position_is_uniform_and_uncorrelated(features, split_of):
 # --- reading order ---------------------------------------------------------------------------------
 def test_reading_order_input_carries_no_trace_of_the_true_order(datasets, features):
     dataset = datasets["reading_order"]
-    for fields in dataset.splits.values():
-        assert set(fields) == {"page", "order"}  # the order array is the only place the truth lives
+    for samples in dataset.splits.values():
+        assert set(samples.fields()) == {"page", "order"}  # the order array is the only place the truth lives
     s = all_samples(dataset)
     order = s["order"].astype(int)
     n_panels = features.panel_mask.sum(axis=1)[s["page"]]
@@ -237,11 +237,11 @@ def test_same_seed_same_arrays_other_seed_other_arrays(features, split_of, datas
     for task in TASK_NAMES:
         again = tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=3))
         other = tasks.generate_task(task, features, split_of, tasks.TaskConfig(seed=4))
-        for split, fields in datasets[task].splits.items():
-            for name, array in fields.items():
-                np.testing.assert_array_equal(array, again.splits[split][name], err_msg=f"{task}/{name}")
-        assert any(not np.array_equal(a, other.splits["train"].get(name))
-                   for name, a in datasets[task].splits["train"].items()), task
+        for split, samples in datasets[task].splits.items():
+            for name, array in samples.fields().items():
+                np.testing.assert_array_equal(array, again.splits[split].fields()[name], err_msg=f"{task}/{name}")
+        assert any(not np.array_equal(a, other.splits["train"].fields().get(name))
+                   for name, a in datasets[task].splits["train"].fields().items()), task
 
 
 def test_a_fused_only_store_skips_the_tasks_it_cannot_make(split_of):
@@ -257,6 +257,21 @@ def test_a_fused_only_store_skips_the_tasks_it_cannot_make(split_of):
                                                          "character_coherence", "text_cloze"}
     for task in ("sequence_filling", "visual_closure", "reading_order"):
         assert made[task].n_samples("train") > 0
+
+
+def test_a_text_only_store_runs_the_text_tasks_in_their_text_only_form(split_of):
+    # COMICS imported as text: fused (the mean of a panel's boxes) and text, no visual or caption
+    text_only = corpus.corpus_features(corpus.with_modalities(CONFIG, ["fused", "text"]))
+    for task in TASK_NAMES:
+        spec = tasks.TASKS[task]
+        if spec.missing(text_only.modalities):
+            with pytest.raises(tasks.TaskSkipped, match="caption"):
+                tasks.generate_task(task, text_only, split_of)
+            continue
+        dataset = tasks.generate_task(task, text_only, split_of)
+        assert dataset.n_samples("train") > 0, task
+    assert tasks.TASKS["caption_relevance"].missing(text_only.modalities)
+    assert tasks.TASKS["character_coherence"].option_modalities(text_only.modalities) == ("text",)
 
 
 def test_pages_too_short_or_silent_are_skipped_not_padded(features, split_of):
@@ -309,6 +324,7 @@ def test_datasets_round_trip_through_the_schema_file(datasets, tmp_path):
     save_task_dataset(str(tmp_path / "text_cloze.npz"), dataset)
     loaded = load_task_dataset(str(tmp_path / "text_cloze.npz"))
     assert loaded.attrs == dataset.attrs
-    for split, fields in dataset.splits.items():
-        for name, array in fields.items():
-            np.testing.assert_array_equal(loaded.splits[split][name], array)
+    for split, samples in dataset.splits.items():
+        assert type(loaded.splits[split]) is type(samples)
+        for name, array in samples.fields().items():
+            np.testing.assert_array_equal(loaded.splits[split].fields()[name], array)

@@ -16,7 +16,8 @@ comics_partitions = dg.DynamicPartitionsDefinition(name="comics")
 
 
 class DemoCorpusConfig(dg.Config):
-    size: str = Field(default=profile(), description="Demo corpus size: tiny or demo.")
+    size: Optional[str] = Field(default=None, description="Demo corpus size: tiny or demo; default: "
+                                "the profile's ($COMIC_PIPELINE_PROFILE, read at run time).")
     n_comics: Optional[int] = Field(default=None, description="Override the size's comic count.")
     seed: int = Field(default=0, description="Generator seed: the same seed, the same corpus.")
 
@@ -35,14 +36,15 @@ def stage3_store(
     url = stage3.store_url()
     started = time.perf_counter()
     if stage3.is_demo():
-        if config.size not in corpus.SIZES:
-            raise dg.Failure(f"demo corpus size {config.size!r} is not one of {sorted(corpus.SIZES)}")
-        corpus_config = corpus.SIZES[config.size]
+        size = config.size or profile()
+        if size not in corpus.SIZES:
+            raise dg.Failure(f"demo corpus size {size!r} is not one of {sorted(corpus.SIZES)}")
+        corpus_config = corpus.SIZES[size]
         overrides = {"seed": config.seed}
         if config.n_comics is not None:
             overrides["n_comics"] = config.n_comics
         corpus_config = dataclasses.replace(corpus_config, **overrides)
-        context.log.info(f"Writing the {config.size} demo corpus to {url}")
+        context.log.info(f"Writing the {size} demo corpus to {url}")
         corpus.write_demo_store(url, corpus_config)
     store = stage3.open()
     comic_ids = store.comic_ids()

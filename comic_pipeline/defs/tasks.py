@@ -87,7 +87,7 @@ class TaskGenerationConfig(dg.Config):
     specs=[
         dg.AssetSpec(
             key, group_name="tasks", deps=[comic_splits],
-            description=f"{schema.TASKS[name].description} Index-based samples per split "
+            description=f"{tasks.TASKS[name].description} Index-based samples per split "
             "(references into the Stage 3 store, not copies).",
         )
         for name, key in TASK_KEYS.items()
@@ -126,8 +126,8 @@ def task_datasets(
             metadata={
                 "path": dg.MetadataValue.path(buffer_path),
                 **counts,
-                "n_options": schema.TASKS[name].n_options,
-                "chance": float(dataset.attrs.get("chance", schema.TASKS[name].chance)),
+                "n_options": dataset.n_options,
+                "chance": float(dataset.attrs["chance"]),
                 "distractor_policy": str(dataset.attrs.get("distractor_policy", config.distractors)),
                 "seed": config.seed,
             },

@@ -17,39 +17,45 @@ from comic_pipeline.defs.tasks import TASK_KEYS, load_task_datasets
 from comic_pipeline.tracking import code_version, model_requirements
 
 
-# Enough for the demo corpus (~3 min on 2 CPU cores) and for the small, easier tiny corpus.
-DEFAULT_EPOCHS = {"demo": 3, "tiny": 15}
-
-
 class TrainingConfig(dg.Config):
-    preset: str = Field(default=profile(), description="Model size preset: tiny, demo or full.")
-    d_model: Optional[int] = Field(default=None, description="Override the preset's width.")
-    n_layers: Optional[int] = Field(default=None, description="Override the preset's depth.")
-    n_heads: Optional[int] = Field(default=None, description="Override the preset's heads.")
-    lr: Optional[float] = Field(default=None, description="Peak learning rate; default: the preset's.")
-    weight_decay: float = 0.01
-    warmup_steps: int = 100
-    batch_size: int = 64
-    epochs: int = Field(
-        default=DEFAULT_EPOCHS[profile()], description="Upper bound; early stopping may end sooner."
+    """Every TrainConfig setting, settable in the launchpad. Unset (None) = the preset's value
+    (training.PRESETS, one table of sizes and settings); the preset defaults to the profile's."""
+
+    preset: Optional[str] = Field(default=None, description="Model size and settings preset: tiny, "
+                                  "demo or full; default: the profile's ($COMIC_PIPELINE_PROFILE).")
+    d_model: Optional[int] = Field(default=None, description="Width (default: the preset's).")
+    n_layers: Optional[int] = Field(default=None, description="Transformer blocks (default: the preset's).")
+    n_heads: Optional[int] = Field(default=None, description="Attention heads (default: the preset's).")
+    dropout: Optional[float] = Field(default=None, description="Dropout (default: the preset's).")
+    lr: Optional[float] = Field(default=None, description="Peak learning rate (default: the preset's).")
+    weight_decay: Optional[float] = Field(default=None, description="AdamW weight decay on matrices.")
+    warmup_steps: Optional[int] = Field(default=None, description="Linear warmup steps.")
+    schedule: Optional[str] = Field(default=None, description="After warmup: cosine or constant.")
+    min_lr_ratio: Optional[float] = Field(default=None, description="Cosine floor, a fraction of lr.")
+    batch_size: Optional[int] = Field(default=None, description="Samples per task per step.")
+    strip_batch_size: Optional[int] = Field(default=None, description="Pages per step for the strip "
+                                            "objective (default: batch_size).")
+    epochs: Optional[int] = Field(default=None, description="Upper bound; early stopping may end sooner.")
+    max_steps: Optional[int] = Field(default=None, description="Stop after this many steps in all.")
+    loss_weights: Optional[dict[str, float]] = Field(
+        default=None, description="Per task (and 'strip') loss weight; default 1 each."
     )
-    max_steps: Optional[int] = Field(default=None, description="Stop after this many steps.")
-    loss_weights: dict[str, float] = Field(
-        default_factory=dict, description="Per task (and 'strip') loss weight; default 1 each."
-    )
-    seed: int = 0
-    patience: int = Field(default=3, description="Epochs without val improvement before stopping.")
-    log_every: int = Field(default=50, description="Steps between progress lines in the log.")
+    seed: Optional[int] = Field(default=None, description="Seed of weights and data order.")
+    patience: Optional[int] = Field(default=None, description="Epochs without val improvement "
+                                    "before stopping (0: never stop early).")
+    log_every: Optional[int] = Field(default=None, description="Steps between progress lines in the log.")
+    grad_clip: Optional[float] = Field(default=None, description="Gradient norm clip (0: none).")
+    strip_keep_prob: Optional[float] = Field(default=None, description="Panel keep probability of "
+                                             "the strip objective's dropout views.")
+    strip_temperature: Optional[float] = Field(default=None, description="InfoNCE temperature.")
+    eval_batch_size: Optional[int] = Field(default=None, description="Samples per validation batch.")
 
 
 def train_config_of(config: TrainingConfig) -> training.TrainConfig:
-    return training.TrainConfig(
-        preset=config.preset, d_model=config.d_model, n_layers=config.n_layers,
-        n_heads=config.n_heads, lr=config.lr, weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps, batch_size=config.batch_size, epochs=config.epochs,
-        max_steps=config.max_steps, loss_weights=dict(config.loss_weights), seed=config.seed,
-        patience=config.patience, log_every=config.log_every,
-    )
+    """The domain config: the preset with every field set in the launchpad (None: the preset's)."""
+    overrides = {name: value for name, value in config.model_dump().items()
+                 if name != "preset" and value is not None}
+    return training.TrainConfig.from_preset(config.preset or profile(), **overrides)
 
 
 @dg.asset(

@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from comic_pipeline import schema
+from comic_pipeline import schema, tasks
 from comic_pipeline.defs.automation import new_comics_sensor
 from comic_pipeline.defs.evaluation import EVALUATION_KEYS
 from comic_pipeline.defs.lineage import latest_metadata
@@ -39,7 +39,7 @@ def test_splits_and_task_datasets_are_recorded(trained_pipeline):
         task = _metadata(instance, key)
         assert "skipped" not in task, (name, task)
         assert task["train_samples"] > 0 and task["test_samples"] > 0, name
-        assert task["chance"] == pytest.approx(schema.TASKS[name].chance, nan_ok=True) or name == "reading_order"
+        assert task["chance"] == pytest.approx(tasks.TASKS[name].chance(), nan_ok=True) or name == "reading_order"
         dataset = schema.load_task_dataset(task["path"])
         assert dataset.task == name
 
