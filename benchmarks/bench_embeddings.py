@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from figures import print_figures  # noqa: E402  (beside this script)
 
-from comic_pipeline import embedding_store  # noqa: E402
+from comic_pipeline import embedding_pipeline  # noqa: E402
 from comic_pipeline.schema import PageFeatures  # noqa: E402
 
 
@@ -76,13 +76,13 @@ def _write_random_stage3_store(url: str, n_comics: int, dim: int = 64, max_panel
 
 
 def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
-                 limit: int | None = None) -> list[embedding_store.ComicInput]:
+                 limit: int | None = None) -> list[embedding_pipeline.ComicInput]:
     """Lazy inputs over a Stage 3 store, as the contextualized_embeddings asset builds them: each
     load() validates its comic (content hash) and reads its features."""
     from comic_pipeline.store import Stage3Store
 
     store = Stage3Store.open(stage3_url)
-    return [embedding_store.ComicInput.from_reader(store.comic(comic_id), modalities)
+    return [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id), modalities)
             for comic_id in store.comic_ids()[:limit]]
 
 
@@ -147,7 +147,7 @@ def measure_throughput(stage3_url: str, out_url: str, batch_pages: int, force_pr
             encode(batch)
         bare_seconds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        embedding_store.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
+        embedding_pipeline.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
                                         model_name="bench", model_version="0", mlflow_run_id=None)
         end_to_end_seconds.append(time.perf_counter() - t0)
     bare, end_to_end = min(bare_seconds), min(end_to_end_seconds)
@@ -185,7 +185,7 @@ def rss_worker(stage3_url: str, out_url: str, batch_pages: int, force_projection
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    written = embedding_store.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
+    written = embedding_pipeline.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
                                               model_name="bench", model_version="0", mlflow_run_id=None)
     running.clear()
     sampler.join()
@@ -222,7 +222,7 @@ def backfill_pure_compute_seconds(stage3_url: str, out_url: str, comic_ids: list
     by_id = {comic.comic_id: comic for comic in comic_inputs(stage3_url, modalities)}
     t0 = time.perf_counter()
     for comic_id in comic_ids:
-        embedding_store.embed_and_write(out_url, [by_id[comic_id]], encode, batch_pages=batch_pages,
+        embedding_pipeline.embed_and_write(out_url, [by_id[comic_id]], encode, batch_pages=batch_pages,
                                         model_name="bench", model_version="0", mlflow_run_id=None)
     return time.perf_counter() - t0
 

@@ -2,7 +2,7 @@
 
 A backfill of contextualized_embeddings batches many comics per run; this times one such run
 (dg.materialize over the whole "comics" partition range, tags dagster/asset_partition_range_*)
-against the same work without Dagster (embedding_store.embed_and_write with the same champion
+against the same work without Dagster (embedding_pipeline.embed_and_write with the same champion
 model, the same comics and the same batch size), in one process, and prints both and the ratio.
 
 Setup (not timed): a temporary home, a Stage 3 demo store of N comics in it, the comics registered
@@ -125,16 +125,16 @@ def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[s
                       device: str = "auto") -> float:
     """Seconds of embed_and_write over the same comics with the champion model, as the asset's
     body does it (lazy inputs with all modalities, content hash validated on load), minus Dagster."""
-    from comic_pipeline import embedding_store, training
+    from comic_pipeline import embedding_pipeline, training
     from comic_pipeline.store import Stage3Store
 
     version = tracking.champion_version()
     model = tracking.load_model(version)
     run_id = tracking.run_id_of(version)
     store = Stage3Store.open(stage3_url)
-    comics = [embedding_store.ComicInput.from_reader(store.comic(comic_id)) for comic_id in comic_ids]
+    comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in comic_ids]
     started = time.perf_counter()
-    written = embedding_store.embed_and_write(
+    written = embedding_pipeline.embed_and_write(
         out_url, comics, encode=lambda features: training.embed_pages(model, features, device=device),
         batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,
         mlflow_run_id=run_id,

@@ -1,67 +1,19 @@
-import gc
 import importlib.util
 import json
 import multiprocessing
 import os
+import threading
+import time
 import uuid
-import weakref
 from datetime import datetime
 
 import numpy as np
 import pytest
+import zarr
 
 from comic_pipeline import embedding_store as es
-from comic_pipeline.schema import PageFeatures
-
-P, D_IN, D_OUT = 4, 6, 5
-
-
-# --- helpers ----------------------------------------------------------------------------------
-def _features(comic_id: str, n_pages: int, seed: int) -> PageFeatures:
-    rng = np.random.default_rng(seed)
-    n_panels = rng.integers(1, P + 1, size=n_pages)
-    mask = np.arange(P)[None, :] < n_panels[:, None]  # (pages, P) prefix
-    fused = rng.normal(size=(n_pages, P, D_IN)).astype(np.float32) * mask[:, :, None]
-    return PageFeatures(
-        comic_ids=np.full(n_pages, comic_id),
-        page_numbers=np.arange(n_pages, dtype=np.int32),
-        page_ids=np.array([f"{comic_id}-p{i:03d}" for i in range(n_pages)]),
-        panel_mask=mask,
-        fused=fused,
-    )
-
-
-PROJECTION = np.random.default_rng(123).normal(size=(D_IN, D_OUT)).astype(np.float32)
-
-
-def fake_encode(batch: PageFeatures) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic, per-page: panels = tanh(fused @ W), strip = masked mean of panels."""
-    panels = np.tanh(batch.fused @ PROJECTION)  # (n, P, D_OUT)
-    mask = batch.panel_mask[:, :, None]
-    strips = (panels * mask).sum(1) / np.maximum(mask.sum(1), 1)  # (n, D_OUT)
-    return panels, strips.astype(np.float32)
-
-
-def _comic_inputs(sizes: dict[str, int], load_log: list | None = None) -> list[es.ComicInput]:
-    inputs = []
-    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
-        def load(comic_id=comic_id, n_pages=n_pages, seed=seed):
-            if load_log is not None:
-                load_log.append(comic_id)
-            return _features(comic_id, n_pages, seed)
-        inputs.append(es.ComicInput(comic_id, [f"{comic_id}-p{i:03d}" for i in range(n_pages)],
-                                    f"hash-{comic_id}", load))
-    return inputs
-
-
-def _write(url, comic_id, n_pages=3, seed=0, version="1", **extra):
-    features = _features(comic_id, n_pages, seed)
-    panels, strips = fake_encode(features)
-    return es.write_comic(
-        url, comic_id, panel_embeddings=panels, strip_embeddings=strips, panel_mask=features.panel_mask,
-        page_ids=list(features.page_ids), model_name="seq", model_version=version, mlflow_run_id="run1",
-        stage3_content_hash=f"hash-{comic_id}", **extra,
-    )
+from comic_pipeline.comic_names import comic_key
+from comic_pipeline_tests.embedding_fakes import D_OUT, fake_encode, features_of, write
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -71,9 +23,17 @@ def store_url(request, tmp_path):
     return f"memory://ctx-{uuid.uuid4().hex}.zarr"
 
 
+def _versions(url: str, key: str) -> list[str]:
+    from fsspec.core import url_to_fs
+
+    fs, path = url_to_fs(f"{url}/comics/{key}")
+    return sorted(p.rstrip("/").rpartition("/")[2] for p in fs.ls(path, detail=False)
+                  if p.rstrip("/").rpartition("/")[2].startswith("v"))
+
+
 # --- round trip -------------------------------------------------------------------------------
 def test_write_read_round_trip_with_attrs(store_url):
-    features = _features("alpha", 5, seed=1)
+    features = features_of("alpha", 5, seed=1)
     panels, strips = fake_encode(features)
     panels_with_junk = panels + 7.0  # padded slots must be stored as zeros
     group_url = es.write_comic(
@@ -95,13 +55,47 @@ def test_write_read_round_trip_with_attrs(store_url):
     assert attrs["model_name"] == "seq" and attrs["model_version"] == "3"
     assert attrs["mlflow_run_id"] == "abc" and attrs["stage3_content_hash"] == "h1"
     assert attrs["note"] == "x" and attrs["dtype"] == "float32" and attrs["n_pages"] == 5
-    assert attrs["n_panels"] == int(features.panel_mask.sum())
+    assert attrs["n_panels"] == int(features.panel_mask.sum()) and attrs["comic_name"] == "alpha"
     assert datetime.fromisoformat(attrs["created_at"]).utcoffset().total_seconds() == 0
+
+
+def test_any_comic_name_is_stored_under_its_key_with_the_name_kept(store_url):
+    names = ["Amazing Spider-Man (1963) #001", "Tintin - L'Île noire", "series/Book 000 - Issue #1",
+             "amazing spider-man (1963) #001", "x" * 230]
+    for seed, name in enumerate(names):
+        features = features_of(comic_key(name), 2, seed)
+        panels, strips = fake_encode(features)
+        url = es.write_comic(store_url, comic_key(name), name=name, panel_embeddings=panels,
+                             strip_embeddings=strips, panel_mask=features.panel_mask,
+                             page_ids=list(features.page_ids), model_name="m", model_version="1",
+                             mlflow_run_id=None, stage3_content_hash="h")
+        assert url.endswith("/comics/" + comic_key(name))
+    store = es.ContextualizedStore.open(store_url)
+    assert store.comic_names() == {comic_key(name): name for name in names}
+    assert store.read(comic_key(names[1])).comic_name == "Tintin - L'Île noire"
+    with pytest.raises(ValueError, match="its key is"):
+        es.write_comic(store_url, "wrong-key", name=names[0], panel_embeddings=panels,
+                       strip_embeddings=strips, panel_mask=features.panel_mask,
+                       page_ids=list(features.page_ids), model_name="m", model_version="1",
+                       mlflow_run_id=None, stage3_content_hash="h")
+
+
+def test_plain_zarr_reader_follows_the_pointer(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    write(url, "c", n_pages=3, version="1")
+    root = zarr.open_group(url, mode="r")
+    comic = root["comics"]["c"]
+    data = comic[comic.attrs["current"]]
+    expected, _ = fake_encode(features_of("c", 3, 0))
+    np.testing.assert_allclose(data["panel_embeddings"][...], expected, rtol=1e-6)
+    assert comic.attrs["comic_name"] == "c" and data.attrs["model_version"] == "1"
+    opened = es.ContextualizedStore.open(url).open_group("c")
+    assert opened["strip_embeddings"].shape == (3, D_OUT)
 
 
 def test_float16_storage_reads_back_as_float32(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _write(url, "c", dtype="float16")
+    write(url, "c", dtype="float16")
     comic = es.ContextualizedStore.open(url).read("c")
     assert comic.attrs["dtype"] == "float16" and comic.strip_embeddings.dtype == np.float32
 
@@ -110,9 +104,9 @@ def test_root_format_and_open_errors(tmp_path):
     url = str(tmp_path / "s.zarr")
     with pytest.raises(FileNotFoundError, match="no contextualized-embedding store"):
         es.ContextualizedStore.open(url)
-    _write(url, "c")
+    write(url, "c")
     root = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())
-    assert root["attributes"] == {"format": "comic-stage4-contextualized", "version": 1}
+    assert root["attributes"] == {"format": "comic-stage4-contextualized", "version": 2}
     wrong = tmp_path / "wrong.zarr"
     wrong.mkdir()
     (wrong / "zarr.json").write_text(json.dumps(
@@ -120,12 +114,18 @@ def test_root_format_and_open_errors(tmp_path):
     with pytest.raises(ValueError, match="not a contextualized-embedding store.*comic-stage3"):
         es.ContextualizedStore.open(str(wrong))
     with pytest.raises(ValueError, match="not a contextualized-embedding store"):
-        _write(str(wrong), "c")
+        write(str(wrong), "c")
+    old = tmp_path / "old.zarr"
+    old.mkdir()
+    (old / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {
+        "format": "comic-stage4-contextualized", "version": 1}}))
+    with pytest.raises(ValueError, match="unsupported version 1.*re-embed"):
+        es.ContextualizedStore.open(str(old))
 
 
 def test_write_rejects_bad_input(tmp_path):
     url = str(tmp_path / "s.zarr")
-    features = _features("c", 3, 0)
+    features = features_of("c", 3, 0)
     panels, strips = fake_encode(features)
     good = dict(panel_embeddings=panels, strip_embeddings=strips, panel_mask=features.panel_mask,
                 page_ids=list(features.page_ids), model_name="m", model_version="1", mlflow_run_id=None,
@@ -136,67 +136,74 @@ def test_write_rejects_bad_input(tmp_path):
         (dict(page_ids=["a", "b"]), "2 page_ids for 3 pages"),
         (dict(page_ids=["a", "a", "b"]), "duplicate page_ids"),
         (dict(panel_embeddings=np.where(True, np.nan, panels)), "panel_embeddings holds NaN"),
-        (dict(panel_mask=np.array([[False, True, True, True]] * 3)), "not a prefix"),
+        (dict(panel_mask=np.array([[False, True, True, True]] * 3)), "not a prefix on page 'c-p000'"),
         (dict(panel_embeddings=panels[:0], strip_embeddings=strips[:0], panel_mask=features.panel_mask[:0],
               page_ids=[]), "no pages"),
         (dict(extra_attrs={"model_version": "9"}), "may not set"),
+        (dict(extra_attrs={"comic_name": "9"}), "may not set"),
         (dict(dtype="int8"), "storage dtype"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):
             es.write_comic(url, "c", **{**good, **change})
-    with pytest.raises(ValueError, match="not usable as a group name"):
-        es.write_comic(url, ".hidden", **good)
+    with pytest.raises(ValueError, match="must not be empty or blank"):
+        es.write_comic(url, " ", **good)
     assert not os.path.exists(os.path.join(url, "comics", "c"))
 
 
-# --- atomicity --------------------------------------------------------------------------------
-def test_failed_write_leaves_nothing_and_rewrite_replaces_cleanly(store_url, monkeypatch):
-    from fsspec.core import url_to_fs
+# --- commits ----------------------------------------------------------------------------------
+def test_crash_before_commit_leaves_the_old_comic_and_nothing_visible(store_url, monkeypatch):
+    def crash(url, data):
+        raise RuntimeError("disk full")
 
-    fs, comics_path = url_to_fs(store_url + "/comics")
-    real_write_group = es._write_group
-
-    async def write_then_crash(location, arrays, attrs):
-        await real_write_group(location, arrays, attrs)  # every array and `complete` written ...
-        raise RuntimeError("disk full")  # ... but the group was never moved into place
-
-    monkeypatch.setattr(es, "_write_group", write_then_crash)
+    monkeypatch.setattr(es, "put_atomic", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        _write(store_url, "beta")
+        write(store_url, "beta")  # never created: the root's own zarr.json write crashes too
+    monkeypatch.undo()
+    write(store_url, "beta", n_pages=6, seed=1, version="1")
+    real_put_atomic = es.put_atomic
+
+    def crash_on_pointer(url, data):
+        if url.endswith(("/comics/beta/zarr.json", "/comics/gamma/zarr.json")):
+            raise RuntimeError("disk full")  # every array of the new version is stored ...
+        real_put_atomic(url, data)
+
+    monkeypatch.setattr(es, "put_atomic", crash_on_pointer)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write(store_url, "beta", n_pages=2, seed=2, version="2")  # ... but never committed
+    with pytest.raises(RuntimeError, match="disk full"):
+        write(store_url, "gamma")
     monkeypatch.undo()
     with pytest.raises(TypeError, match="not JSON serializable"):
-        _write(store_url, "beta", extra_attrs={"unserializable": object()})
+        write(store_url, "beta", extra_attrs={"unserializable": object()})
     store = es.ContextualizedStore.open(store_url)
-    assert store.comic_ids() == []
-    assert [p for p in fs.ls(comics_path, detail=False) if not p.endswith("zarr.json")] == []
+    assert store.comic_ids() == ["beta"]  # gamma was never committed
+    comic = store.read("beta")
+    assert comic.attrs["model_version"] == "1" and comic.strip_embeddings.shape == (6, D_OUT)
 
-    _write(store_url, "beta", n_pages=6, seed=1, version="1")
-    _write(store_url, "beta", n_pages=2, seed=2, version="2")
-    assert store.comic_ids() == ["beta"]
+
+def test_rewrite_commits_a_new_version_and_collects_old_ones(store_url):
+    write(store_url, "beta", n_pages=6, seed=1, version="1")
+    write(store_url, "beta", n_pages=2, seed=2, version="2")
+    store = es.ContextualizedStore.open(store_url)
     comic = store.read("beta")
     assert comic.strip_embeddings.shape == (2, D_OUT) and comic.attrs["model_version"] == "2"
-    expected_panels, _ = fake_encode(_features("beta", 2, 2))
+    expected_panels, _ = fake_encode(features_of("beta", 2, 2))
     np.testing.assert_allclose(comic.panel_embeddings, expected_panels, rtol=1e-6)
-    leftovers = [p for p in fs.ls(comics_path, detail=False) if p.rstrip("/").rpartition("/")[2].startswith(".")]
-    assert leftovers == []
-    # the rewritten group holds only its own chunks (no chunk of the 6-page version survives)
-    panel_chunks = fs.find(f"{comics_path}/beta/panel_embeddings")
-    assert len([c for c in panel_chunks if not c.endswith("zarr.json")]) == 1
+    assert len(_versions(store_url, "beta")) == 2  # the old one is kept for readers a while ...
+    write(store_url, "beta", n_pages=3, seed=3, version="3", gc_grace_seconds=0)
+    assert _versions(store_url, "beta") == [store.attrs("beta")["current"]]  # ... then collected
 
 
-def test_readers_skip_temporary_and_unfinished_groups(tmp_path):
+def test_readers_skip_uncommitted_groups(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _write(url, "done")
+    write(url, "done")
     comics = tmp_path / "s.zarr" / "comics"
-    # a crash mid-write: a temporary sibling with some arrays, and a group without `complete`
     (comics / ".tmp-crashed-0123").mkdir()
-    (comics / ".tmp-crashed-0123" / "zarr.json").write_text(json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": {"complete": True}}))
+    (comics / "never-committed" / "v0000000000001-abc").mkdir(parents=True)
     (comics / "unfinished").mkdir()
     (comics / "unfinished" / "zarr.json").write_text(json.dumps(
         {"zarr_format": 3, "node_type": "group", "attributes": {"model_version": "1"}}))
-    (comics / "empty_dir").mkdir()
     store = es.ContextualizedStore.open(url)
     assert store.comic_ids() == ["done"]
     assert store.model_versions() == {"done": "1"}
@@ -204,219 +211,85 @@ def test_readers_skip_temporary_and_unfinished_groups(tmp_path):
         store.read("unfinished")
 
 
-def _concurrent_writer(url, comic_id, barrier):
-    barrier.wait()  # both processes create the new store at the same moment
-    for seed in range(3):
-        _write(url, f"{comic_id}{seed}", n_pages=4, seed=seed)
+def _concurrent_writer(url, comic_ids, barrier, rounds):
+    barrier.wait()  # every process creates the new store and writes at the same moment
+    for seed in range(rounds):
+        for comic_id in comic_ids:
+            write(url, comic_id, n_pages=2 + seed % 3, seed=seed, version=str(seed))
 
 
-def test_two_processes_write_into_the_same_new_store(tmp_path):
+def test_concurrent_writers_of_the_same_and_different_comics(tmp_path):
     url = str(tmp_path / "shared.zarr")
     context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2)
-    workers = [context.Process(target=_concurrent_writer, args=(url, name, barrier)) for name in ("x", "y")]
+    barrier = context.Barrier(3)
+    jobs = [["same", "x0", "x1"], ["same", "y0"], ["same", "y1"]]
+    workers = [context.Process(target=_concurrent_writer, args=(url, ids, barrier, 6)) for ids in jobs]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=60)
-    assert [w.exitcode for w in workers] == [0, 0]
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
     store = es.ContextualizedStore.open(url)
-    assert store.comic_ids() == ["x0", "x1", "x2", "y0", "y1", "y2"]
+    assert store.comic_ids() == ["same", "x0", "x1", "y0", "y1"]
     for comic_id in store.comic_ids():
-        assert store.read(comic_id).strip_embeddings.shape == (4, D_OUT)
+        comic = store.read(comic_id)  # whole: its arrays are the ones its attrs describe
+        seed = int(comic.attrs["model_version"])
+        expected, _ = fake_encode(features_of(comic_id, 2 + seed % 3, seed))
+        np.testing.assert_allclose(comic.panel_embeddings, expected, rtol=1e-6)
+    assert not [p for p in (tmp_path / "shared.zarr" / "comics").iterdir() if p.name.startswith(".")]
+
+
+def _rewriter(url, stop_at, rounds):
+    seed = 0
+    while time.time() < stop_at:
+        for comic_id in ("a", "b", "c"):
+            write(url, comic_id, n_pages=1 + seed % 4, seed=seed, version=str(seed), gc_grace_seconds=0)
+        seed += 1
+    rounds.value = seed
+
+
+def test_reader_hammering_listings_during_rewrites_sees_no_missing_or_partial_comic(tmp_path):
+    """Rewrites with immediate garbage collection (the harshest setting): every listing shows all
+    three comics and every read is one whole version (arrays match the attrs beside them)."""
+    url = str(tmp_path / "s.zarr")
+    for comic_id in ("a", "b", "c"):
+        write(url, comic_id, n_pages=1, seed=0, version="0")
+    context = multiprocessing.get_context("fork")
+    rounds = context.Value("i", 0)
+    writer = context.Process(target=_rewriter, args=(url, time.time() + 3.0, rounds))
+    writer.start()
+    store = es.ContextualizedStore.open(url)
+    listings = reads = 0
+    while writer.is_alive():
+        assert store.comic_ids() == ["a", "b", "c"]
+        listings += 1
+        comic = store.read("abc"[reads % 3])
+        seed = int(comic.attrs["model_version"])
+        expected, _ = fake_encode(features_of(comic.comic_id, 1 + seed % 4, seed))
+        np.testing.assert_allclose(comic.panel_embeddings, expected, rtol=1e-6)
+        assert comic.page_ids == [f"{comic.comic_id}-p{i:03d}" for i in range(1 + seed % 4)]
+        reads += 1
+    writer.join()
+    assert writer.exitcode == 0 and rounds.value > 5 and listings > 20
 
 
 # --- listing and staleness --------------------------------------------------------------------
 def test_model_versions_and_stale_comics(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _write(url, "a", version="1")
-    _write(url, "b", version="2")
-    _write(url, "c", version="2")
+    write(url, "a", version="1")
+    write(url, "b", version="2")
+    write(url, "c", version="2")
     store = es.ContextualizedStore.open(url)
     assert store.model_versions() == {"a": "1", "b": "2", "c": "2"}
     assert store.stale_comics("2") == ["a"]
     assert store.stale_comics("3") == ["a", "b", "c"]
-    _write(url, "a", version="2")
+    write(url, "a", version="2")
     assert store.stale_comics("2") == []
 
 
-# --- streaming embedder -----------------------------------------------------------------------
-def test_streaming_across_comic_boundaries_equals_one_comic_at_a_time(store_url, tmp_path):
-    sizes = {"c0": 5, "c1": 2, "c2": 1, "c3": 7, "c4": 3}
-    batch_sizes, batch_comics = [], []
-
-    def recording_encode(batch):
-        batch_sizes.append(batch.n_pages)
-        batch_comics.append(set(batch.comic_ids.tolist()))
-        return fake_encode(batch)
-
-    callbacks = []
-    written = es.embed_and_write(
-        store_url, _comic_inputs(sizes), recording_encode, batch_pages=4, model_name="seq",
-        model_version="7", mlflow_run_id="r", on_comic_written=lambda *args: callbacks.append(args),
-    )
-    assert batch_sizes == [4, 4, 4, 4, 2]  # 18 pages in full batches of 4
-    assert any(len(comics) > 1 for comics in batch_comics)  # batches span comic boundaries
-    assert [w.comic_id for w in written] == list(sizes)
-    assert [(c[0], c[1]) for c in callbacks] == list(sizes.items())
-    assert all(w.seconds >= 0 and w.url.endswith(f"/comics/{w.comic_id}") for w in written)
-
-    reference_url = str(tmp_path / "reference.zarr")
-    for comic in _comic_inputs(sizes):
-        features = comic.load()
-        panels, strips = fake_encode(features)
-        es.write_comic(reference_url, comic.comic_id, panel_embeddings=panels, strip_embeddings=strips,
-                       panel_mask=features.panel_mask, page_ids=comic.page_ids, model_name="seq",
-                       model_version="7", mlflow_run_id="r", stage3_content_hash=comic.content_hash)
-    streamed, reference = es.ContextualizedStore.open(store_url), es.ContextualizedStore.open(reference_url)
-    assert streamed.comic_ids() == reference.comic_ids() == sorted(sizes)
-    for comic_id in sizes:
-        a, b = streamed.read(comic_id), reference.read(comic_id)
-        np.testing.assert_array_equal(a.panel_embeddings, b.panel_embeddings)
-        np.testing.assert_array_equal(a.strip_embeddings, b.strip_embeddings)
-        np.testing.assert_array_equal(a.panel_mask, b.panel_mask)
-        assert a.attrs["stage3_content_hash"] == f"hash-{comic_id}"
-        assert written[list(sizes).index(comic_id)].n_panels == int(b.panel_mask.sum())
-
-
-def test_streaming_loads_lazily_and_writes_early(tmp_path):
-    """Each comic is written before comics beyond the next batch are loaded (flat memory)."""
-    sizes = {f"c{i}": 3 for i in range(6)}
-    loads: list[str] = []
-    loaded_when_written = {}
-    es.embed_and_write(
-        str(tmp_path / "s.zarr"), _comic_inputs(sizes, loads), fake_encode, batch_pages=2,
-        model_name="m", model_version="1", mlflow_run_id=None, background_write=False, prefetch=False,
-        on_comic_written=lambda comic_id, *_: loaded_when_written.__setitem__(comic_id, len(loads)),
-    )
-    # batches of 2 over 3-page comics: [c0 c0] [c0 c1] [c1 c1] [c2 c2] [c2 c3] [c3 c3] ...
-    # c0 is written once c1 is loaded, c1 before c2 is loaded, and so on
-    assert loaded_when_written == {"c0": 2, "c1": 2, "c2": 4, "c3": 4, "c4": 6, "c5": 6}
-
-
-@pytest.mark.parametrize("background_write,prefetch", [(True, True), (False, False), (True, False)])
-def test_streaming_memory_does_not_grow_with_comics(tmp_path, background_write, prefetch):
-    """When a comic is loaded, at most one earlier comic's arrays are still alive (two while
-    the next comic is prefetched), however many comics went through."""
-    alive_at_load = []
-    probes: list[weakref.ref] = []
-    inputs = _comic_inputs({f"c{i}": 5 for i in range(8)})
-    for comic in inputs:
-        def load(inner=comic.load):
-            gc.collect()
-            alive_at_load.append(sum(probe() is not None for probe in probes))
-            features = inner()
-            probes.append(weakref.ref(features.fused))  # batch pieces are views of this array
-            return features
-        comic.load = load
-    written = es.embed_and_write(str(tmp_path / "s.zarr"), inputs, fake_encode, batch_pages=3,
-                                 model_name="m", model_version="1", mlflow_run_id=None,
-                                 background_write=background_write, prefetch=prefetch)
-    assert [w.comic_id for w in written] == [f"c{i}" for i in range(8)]
-    assert max(alive_at_load) <= (2 if prefetch else 1)
-    assert len(alive_at_load) == 8
-
-
-def test_streaming_reports_bad_comics_and_bad_encoders(tmp_path):
-    url = str(tmp_path / "s.zarr")
-    comics = _comic_inputs({"a": 2})
-    comics[0].page_ids = ["x", "y"]
-    with pytest.raises(ValueError, match="comic 'a': load\\(\\) gave pages in a different order"):
-        es.embed_and_write(url, comics, fake_encode, batch_pages=4, model_name="m", model_version="1",
-                           mlflow_run_id=None)
-    with pytest.raises(ValueError, match="listed twice"):
-        es.embed_and_write(url, _comic_inputs({"a": 2}) * 2, fake_encode, batch_pages=4, model_name="m",
-                           model_version="1", mlflow_run_id=None)
-    with pytest.raises(ValueError, match="encode returned panels"):
-        es.embed_and_write(url, _comic_inputs({"a": 2}), lambda b: (np.zeros((1, P, 3)), np.zeros((1, 3))),
-                           batch_pages=4, model_name="m", model_version="1", mlflow_run_id=None)
-    failing_url = str(tmp_path / "failing.zarr")
-    with pytest.raises(TypeError):  # a failed background write surfaces in the caller
-        es.embed_and_write(failing_url, _comic_inputs({"a": 2, "b": 3}), fake_encode, batch_pages=2,
-                           model_name="m", model_version="1", mlflow_run_id=None,
-                           extra_attrs={"unserializable": object()})
-    assert es.ContextualizedStore.open(failing_url).comic_ids() == []
-    def failing_load():
-        raise OSError("stage 3 read failed")
-
-    broken = _comic_inputs({"ok": 2, "broken": 2})
-    broken[1].load = failing_load
-    broken_url = str(tmp_path / "broken.zarr")
-    with pytest.raises(OSError, match="stage 3 read failed"):  # a prefetched load's error surfaces
-        es.embed_and_write(broken_url, broken, fake_encode, batch_pages=2, model_name="m",
-                           model_version="1", mlflow_run_id=None)
-    assert es.ContextualizedStore.open(broken_url).comic_ids() == ["ok"]
-    with pytest.raises(ValueError, match="batch_pages"):
-        es.embed_and_write(url, [], fake_encode, batch_pages=0, model_name="m", model_version="1",
-                           mlflow_run_id=None)
-
-
-# --- search -----------------------------------------------------------------------------------
-def _planted_store(url):
-    """Three comics; page 1 of 'near' is planted next to page 0 of 'query'."""
-    rng = np.random.default_rng(9)
-    base = rng.normal(size=(3, 16)).astype(np.float32)
-    strips = {
-        "query": np.stack([base[0], rng.normal(size=16)]),
-        "near": np.stack([rng.normal(size=16), base[0] + 0.01, rng.normal(size=16)]),
-        "far": rng.normal(size=(4, 16)),
-    }
-    strips["far"][2] = base[0] + 0.05  # second nearest
-    for comic_id, strip in strips.items():
-        n = strip.shape[0]
-        es.write_comic(url, comic_id, panel_embeddings=np.zeros((n, 2, 16), np.float32),
-                       strip_embeddings=strip.astype(np.float32), panel_mask=np.ones((n, 2), bool),
-                       page_ids=[f"{comic_id}/{i}" for i in range(n)], model_name="m", model_version="1",
-                       mlflow_run_id=None, stage3_content_hash="h")
-    return base[0]
-
-
-def test_strip_matrix_and_nearest_pages_find_planted_neighbours(store_url):
-    planted = _planted_store(store_url)
-    store = es.ContextualizedStore.open(store_url)
-    matrix, table = store.strip_matrix()
-    assert matrix.shape == (9, 16)
-    assert list(table.columns) == ["comic_id", "page_number", "page_id"]
-    assert table["comic_id"].tolist() == ["far"] * 4 + ["near"] * 3 + ["query"] * 2
-    subset_matrix, subset_table = store.strip_matrix(["query"])
-    assert subset_matrix.shape == (2, 16) and subset_table["page_id"].tolist() == ["query/0", "query/1"]
-
-    by_page = store.nearest_pages(("query", 0), k=2)
-    assert list(zip(by_page["comic_id"], by_page["page_number"])) == [("near", 1), ("far", 2)]
-    assert by_page["page_id"].tolist() == ["near/1", "far/2"]
-    assert by_page["score"].iloc[0] > by_page["score"].iloc[1] > 0.9
-
-    by_vector = store.nearest_pages(planted, k=3)
-    assert by_vector["page_id"].tolist() == ["query/0", "near/1", "far/2"]
-    with_self = store.nearest_pages(("query", 0), k=1, exclude_self=False)
-    assert with_self["page_id"].tolist() == ["query/0"]
-    assert with_self["score"].iloc[0] == pytest.approx(1.0, abs=1e-6)
-    assert len(store.nearest_pages(("query", 0), k=100)) == 8
-
-    with pytest.raises(KeyError, match="page 5 of comic 'query'"):
-        store.nearest_pages(("query", 5))
-    with pytest.raises(ValueError, match=r"query vector must have shape \(16,\)"):
-        store.nearest_pages(np.zeros(3))
-
-
-def test_search_cache_refresh(tmp_path):
-    url = str(tmp_path / "s.zarr")
-    _planted_store(url)
-    store = es.ContextualizedStore.open(url)
-    assert store.strip_matrix()[0].shape[0] == 9
-    es.write_comic(url, "new", panel_embeddings=np.zeros((1, 2, 16), np.float32),
-                   strip_embeddings=np.ones((1, 16), np.float32), panel_mask=np.ones((1, 2), bool),
-                   page_ids=["n"], model_name="m", model_version="1", mlflow_run_id=None,
-                   stage3_content_hash="h")
-    assert store.strip_matrix()[0].shape[0] == 9  # search sees a snapshot ...
-    store.refresh()
-    assert store.strip_matrix()[0].shape[0] == 10  # ... until refreshed
-
-
-# --- xarray -----------------------------------------------------------------------------------
 def test_to_xarray(tmp_path):
     url = str(tmp_path / "s.zarr")
-    _write(url, "c", n_pages=3)
+    write(url, "c", n_pages=3)
     store = es.ContextualizedStore.open(url)
     if importlib.util.find_spec("xarray") is None:
         with pytest.raises(ImportError, match="pip install xarray"):
@@ -426,32 +299,62 @@ def test_to_xarray(tmp_path):
     assert dataset["panel_embeddings"].dims == ("page", "panel", "dim")
     assert dataset["strip_embeddings"].shape == (3, D_OUT)
     assert list(dataset["page_id"].values) == store.read("c").page_ids
-    assert dataset.attrs["model_version"] == "1"
+    assert dataset.attrs["model_version"] == "1" and dataset.attrs["comic_name"] == "c"
 
 
-# --- Stage 3 input ----------------------------------------------------------------------------
-def test_comic_input_from_stage3_reader(tmp_path):
-    from comic_pipeline import store
+# --- S3 ---------------------------------------------------------------------------------------
+@pytest.fixture
+def s3_url(monkeypatch):
+    """A bucket on a moto S3 server on 127.0.0.1 (fresh server per test)."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                        "FSSPEC_S3_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(name, value)
+    import fsspec
+    import s3fs
 
-    stage3_url = str(tmp_path / "stage3.zarr")
-    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
-    for seed, (comic_id, n_pages) in enumerate({"k1": 3, "k2": 4}.items()):
-        features = _features(comic_id, n_pages, seed)
-        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
-                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
-    stage3 = store.Stage3Store.open(stage3_url)
-    inputs = [es.ComicInput.from_reader(stage3.comic(comic_id)) for comic_id in stage3.comic_ids()]
-    assert [c.content_hash for c in inputs] == [None, None]  # nothing read yet
-    out_url = str(tmp_path / "ctx.zarr")
-    es.embed_and_write(out_url, inputs, fake_encode, batch_pages=5, model_name="m", model_version="1",
-                       mlflow_run_id=None)
-    ctx = es.ContextualizedStore.open(out_url)
-    for seed, comic_id in enumerate(["k1", "k2"]):
-        assert ctx.attrs(comic_id)["stage3_content_hash"] == stage3.comic(comic_id).validate().content_hash
-        expected_panels, _ = fake_encode(_features(comic_id, 3 + seed, seed))
-        np.testing.assert_allclose(ctx.read(comic_id).panel_embeddings, expected_panels, rtol=1e-6)
-    # a hash known upstream is stamped as given, without validating the comic again
-    known = es.ComicInput.from_reader(stage3.comic("k1"), content_hash="from-upstream")
-    es.embed_and_write(out_url, [known], fake_encode, batch_pages=5, model_name="m", model_version="2",
-                       mlflow_run_id=None)
-    assert ctx.attrs("k1")["stage3_content_hash"] == "from-upstream"
+    s3fs.S3FileSystem.clear_instance_cache()
+    fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True).mkdir("bucket")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield "s3://bucket/ctx.zarr"
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+def test_s3_commit_round_trip_and_reader_during_rewrites(s3_url):
+    key = comic_key("Tintin - L'Île noire")
+    write(s3_url, key, name="Tintin - L'Île noire", version="0")
+    store = es.ContextualizedStore.open(s3_url)
+    assert store.comic_names() == {key: "Tintin - L'Île noire"}
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def rewrite():
+        try:
+            for seed in range(1, 6):
+                write(s3_url, key, name="Tintin - L'Île noire", n_pages=1 + seed % 3, seed=seed,
+                      version=str(seed), gc_grace_seconds=0)
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    reads = 0
+    while not stop.is_set() or reads == 0:
+        comic = store.read(key)
+        seed = int(comic.attrs["model_version"])
+        expected, _ = fake_encode(features_of(key, 1 + seed % 3 if seed else 3, seed))
+        np.testing.assert_allclose(comic.panel_embeddings, expected, rtol=1e-6)
+        reads += 1
+    thread.join()
+    assert not failures
+    assert store.attrs(key)["model_version"] == "5"
+    assert _versions(s3_url, key) == [store.attrs(key)["current"]]

@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 from comic_pipeline import store
+from comic_pipeline.comic_names import comic_key
 from comic_pipeline.store import Stage3Store, Stage3StoreError
 
 DIM, P, B = 8, 4, 3
@@ -270,7 +271,7 @@ BAD_COMICS = {
     "pages disagree": (_set("visual", lambda a: a["visual"][:2]), r"'visual': mis-shaped.*\(2, 4, 8\)"),
     "P disagrees with root": (_set("caption", lambda a: a["caption"][:, :3]), r"'caption': mis-shaped"),
     "mask P disagrees": (_set("panel_mask", lambda a: a["panel_mask"][:, :3]), r"'panel_mask': mis-shaped"),
-    "B disagrees": (_set("text", lambda a: a["text"][:, :, :2]), r"'text': mis-shaped"),
+    "B disagrees": (_set("text", lambda a: a["text"][:, :, :2]), r"'text_mask': mis-shaped.*B=2 from 'text'"),
     "missing axis": (_set("visual", lambda a: a["visual"][:, 0]), r"'visual': mis-shaped"),
     "dimension mismatch": (_set("panel_embeddings", lambda a: a["panel_embeddings"][..., :6]),
                            r"'panel_embeddings': dimension mismatch.*6.*dim=8"),
@@ -328,28 +329,84 @@ def test_nan_in_padded_slots_is_fine_and_zeroed(empty_store, good_comic):
     assert np.isfinite(fused).all() and (fused[~arrays["panel_mask"]] == 0).all()
 
 
-def test_text_without_max_boxes_in_store(tmp_path, good_comic):
-    url = str(tmp_path / "no-text.zarr")
-    store.create_native_store(url, dim=DIM, max_panels=P)  # max_boxes 0: no text
+def test_text_needs_no_max_boxes_root_attr(tmp_path, good_comic):
+    """Only the four root attrs of DESIGN §3 are required: B is read from the `text` array."""
+    url = str(tmp_path / "no-max-boxes.zarr")
+    store.create_native_store(url, dim=DIM, max_panels=P)  # no max_boxes attr
     page_ids, arrays = good_comic
-    with pytest.raises(Stage3StoreError, match=r"comic 'c', array 'text'.*no 'max_boxes'"):
-        store.write_native_comic(url, "c", page_ids=page_ids, title="c", arrays=arrays)
+    store.write_native_comic(url, "c", page_ids=page_ids, title="c", arrays=arrays)
+    assert "max_boxes" not in zarr.open_group(url, mode="r").attrs
+    comic = Stage3Store.open(url).comic("c")
+    assert comic.max_boxes == B and "text" in comic.modalities
+    assert comic.read("text").shape == (3, P, B, DIM)
 
 
-@pytest.mark.parametrize("comic_id", ["a/b", ".hidden", "", "a b", "..", "_x", "-x", "é", "a\\b"])
-def test_invalid_comic_ids(empty_store, good_comic, comic_id):
+def test_comics_with_different_box_counts_load_together(tmp_path, make_comic_arrays):
+    url = str(tmp_path / "boxes.zarr")
+    store.create_native_store(url, dim=DIM, max_panels=P)
+    rng = np.random.default_rng(3)
+    for name, boxes in (("two", 2), ("five", 5)):
+        store.write_native_comic(url, name, page_ids=["a", "b"], title=name,
+                                 arrays=make_comic_arrays(rng, n_pages=2, max_panels=P, dim=DIM,
+                                                          max_boxes=boxes))
+    features = Stage3Store.open(url).load_features(["two", "five"])
+    assert features.max_boxes == 5 and not features.text_mask[:2, :, 2:].any()
+
+
+NAMES = [
+    "Amazing Spider-Man (1963) #001", "Tintin - L'Île noire", "Action Comics 0001, 1938",
+    "Calvin & Hobbes", "Astérix le Gaulois", "東京喰種 第1巻", "a b", "A B", "a-b", "a_b", "_x", "-x",
+    "..", "x" * 230, "é" * 150, ".hidden", "a/b", "a\\b", "__meta",
+]
+
+
+def test_any_comic_name_is_written_listed_and_read(empty_store, good_comic):
     page_ids, arrays = good_comic
-    with pytest.raises(Stage3StoreError, match="invalid comic id"):
-        store.write_native_comic(empty_store, comic_id, page_ids=page_ids, title="x", arrays=arrays)
-    with pytest.raises(Stage3StoreError, match="invalid comic id"):
-        Stage3Store.open(empty_store).comic(comic_id)
+    keys = {}
+    for name in NAMES:
+        keys[name] = store.write_native_comic(empty_store, name, page_ids=page_ids, title="t",
+                                              arrays=arrays)
+        assert keys[name] == comic_key(name)
+    assert len(set(keys.values())) == len(NAMES)  # names differing in case/punctuation stay apart
+    opened = Stage3Store.open(empty_store)
+    assert opened.comic_ids() == sorted(keys.values())
+    assert opened.names() == {key: name for name, key in keys.items()}
+    assert opened.quarantined() == {}
+    for name, key in keys.items():
+        comic = opened.comic(key)
+        assert (comic.name, comic.comic_id) == (name, key)
+        summary = comic.validate()
+        assert (summary.name, summary.comic_id, summary.n_pages) == (name, key, 3)
+    folders = set(os.listdir(f"{empty_store}/comics")) - {"zarr.json"}
+    assert "Amazing Spider-Man (1963) #001" in folders  # the name itself, where it can be a folder
+    assert comic_key("a/b") in folders and comic_key(".hidden") in folders  # else its key
+
+
+@pytest.mark.parametrize("name", ["", "   ", None, 7])
+def test_blank_or_non_string_names_are_refused(empty_store, good_comic, name):
+    page_ids, arrays = good_comic
+    with pytest.raises(Stage3StoreError, match="cannot write comic: a comic name must"):
+        store.write_native_comic(empty_store, name, page_ids=page_ids, title="x", arrays=arrays)
     assert sorted(os.listdir(f"{empty_store}/comics")) == ["zarr.json"]
 
 
-def test_badly_named_group_in_store_is_reported(empty_store, good_comic):
-    write_raw_comic(empty_store, "bad name", *good_comic)
-    with pytest.raises(Stage3StoreError, match=r"comics/bad name is not a comic.*invalid comic id"):
-        Stage3Store.open(empty_store).comic_ids()
+def test_a_broken_group_is_that_comics_problem_only(empty_store, good_comic):
+    page_ids, arrays = good_comic
+    store.write_native_comic(empty_store, "good one", page_ids=page_ids, title="g", arrays=arrays)
+    write_raw_comic(empty_store, "no page ids", page_ids, {"panel_mask": arrays["panel_mask"]})
+    zarr.open_group(f"{empty_store}/comics/no page ids", mode="r+").attrs.pop("page_ids")
+    write_raw_comic(empty_store, "Bad Shape #2", page_ids, {**arrays, "panel_mask": arrays["panel_mask"][:2]})
+    zarr.open_group(f"{empty_store}/comics", mode="r+").create_array("an array", shape=(2,), dtype="f4")
+    opened = Stage3Store.open(empty_store)  # never fails because of one comic
+    assert set(opened.names().values()) == {"good one", "no page ids", "Bad Shape #2", "an array"}
+    bad = opened.quarantined()
+    assert {q.name: q.error for q in bad.values()} == {
+        "no page ids": "comic 'no page ids': attribute 'page_ids' must be a list of strings (got NoneType)",
+        "Bad Shape #2": "comic 'Bad Shape #2', array 'panel_mask': mis-shaped: 2 pages but 'page_ids' lists 3",
+        "an array": "comic 'an array': is an array, expected a comic group",
+    }
+    assert opened.modalities() == {"fused", "visual", "text", "caption"}
+    assert opened.comic(comic_key("good one")).validate().n_pages == 3
 
 
 def test_unknown_comic(tiny_native_store):
@@ -444,8 +501,8 @@ def build_legacy_store(tmp_path, comics: dict[str, int], *, n_slots=16, dim=32, 
         canonical = f"{folder}/page_{page}.jpg"
         records.append({"sequence_index": int(row), "canonical_id": canonical,
                         "num_panels": int(panels), "source": "scan"})
-        truth.setdefault(folder.replace("/", "__"), ([], [], []))
-        for part, value in zip(truth[folder.replace("/", "__")], (canonical, int(row), int(panels))):
+        truth.setdefault(comic_key(folder), ([], [], []))
+        for part, value in zip(truth[comic_key(folder)], (canonical, int(row), int(panels))):
             part.append(value)
     order = rng.permutation(len(records))
     metadata_url = str(tmp_path / f"legacy-{seed}.json")
@@ -459,25 +516,27 @@ def test_legacy_grouping_natural_order_and_zeroed_padding(tmp_path):
                                                              "series/vol2": 1})
     opened = Stage3Store.open(url, metadata_url)
     assert (opened.dim, opened.max_panels) == (32, 16)
-    assert opened.comic_ids() == ["other", "series__vol1", "series__vol2"]
+    vol1, vol2 = comic_key("series/vol1"), comic_key("series/vol2")
+    assert opened.comic_ids() == sorted(["other", vol1, vol2])
+    assert opened.names() == {"other": "other", vol1: "series/vol1", vol2: "series/vol2"}
     assert opened.modalities() == {"fused"}
 
-    comic = opened.comic("series__vol1")
-    assert comic.title == "series/vol1"
+    comic = opened.comic(vol1)
+    assert comic.title == comic.name == "series/vol1"
     # natural order: page_2 before page_10
     assert comic.page_ids == [f"series/vol1/page_{n}.jpg" for n in range(1, 13)]
-    assert comic.page_ids == truth["series__vol1"][0]
+    assert comic.page_ids == truth[vol1][0]
 
     raw = zarr.open_group(url, mode="r")
-    rows = np.asarray(truth["series__vol1"][1])
-    mask = np.arange(16)[None, :] < np.asarray(truth["series__vol1"][2])[:, None]
+    rows = np.asarray(truth[vol1][1])
+    mask = np.arange(16)[None, :] < np.asarray(truth[vol1][2])[:, None]
     np.testing.assert_array_equal(comic.panel_mask(), mask)
     fused = comic.read("fused")
     np.testing.assert_array_equal(fused, zeroed(raw["panel_embeddings"][...][rows], mask))
     assert (fused[~mask] == 0).all() and np.abs(fused).max() < 50  # the junk (55+) is gone
 
-    features = opened.load_features(["series__vol2", "series__vol1"])
-    assert features.comic_ids.tolist() == ["series__vol2"] + ["series__vol1"] * 12
+    features = opened.load_features([vol2, vol1])
+    assert features.comic_ids.tolist() == [vol2] + [vol1] * 12
     assert features.page_numbers.tolist() == [0] + list(range(12))
     assert features.modalities == {"fused"} and features.max_boxes == 0
     summary = comic.validate()
@@ -500,9 +559,9 @@ def test_legacy_mask_disagreeing_with_num_panels(tmp_path):
         for r in records if r["canonical_id"] == "a/b/page_3.jpg"])
     opened = Stage3Store.open(url, metadata_url)  # metadata-only: opening still works
     opened.comic("c").validate()  # the other comic is fine
-    with pytest.raises(Stage3StoreError, match=r"comic 'a__b', array 'panel_masks': mask disagrees "
+    with pytest.raises(Stage3StoreError, match=r"comic 'a/b', array 'panel_masks': mask disagrees "
                                                r"with num_panels.*'a/b/page_3.jpg'"):
-        opened.comic("a__b").validate()
+        opened.comic(comic_key("a/b")).validate()
     assert records  # the metadata was rewritten
 
 
@@ -513,20 +572,59 @@ def test_legacy_num_panels_beyond_slots(tmp_path):
         Stage3Store.open(url, metadata_url).comic("a").panel_mask()
 
 
-@pytest.mark.parametrize("field, message", [("sequence_index", r"duplicate sequence_index"),
-                                            ("canonical_id", r"duplicate canonical_id")])
-def test_legacy_duplicate_ids(tmp_path, field, message):
-    url, metadata_url, _ = build_legacy_store(tmp_path, {"a": 3})
-    _rewrite_metadata(metadata_url, lambda records: records[1].update({field: records[0][field]}))
+@pytest.mark.parametrize("field, message", [
+    ("sequence_index", r"comic 'a': duplicate sequence_index \d+: rows claimed by pages of \['a'\]"),
+    ("canonical_id", r"comic 'a': duplicate canonical_id \['a/page_\d.jpg'\]")])
+def test_legacy_duplicate_ids_are_the_comics_problem(tmp_path, field, message):
+    url, metadata_url, _ = build_legacy_store(tmp_path, {"a": 3, "b c": 2})
+    _rewrite_metadata(metadata_url, lambda records: [
+        r.update({field: [q for q in records if q["canonical_id"].startswith("a/")][0][field]})
+        for r in [q for q in records if q["canonical_id"].startswith("a/")][1:2]])
+    opened = Stage3Store.open(url, metadata_url)  # the store opens; comic a is quarantined
     with pytest.raises(Stage3StoreError, match=message):
-        Stage3Store.open(url, metadata_url)
+        opened.comic("a")
+    assert list(opened.quarantined()) == ["a"]
+    assert opened.comic(comic_key("b c")).validate().n_pages == 2
+
+
+def test_legacy_row_claimed_by_two_comics_blames_both(tmp_path):
+    url, metadata_url, _ = build_legacy_store(tmp_path, {"a": 2, "b": 2, "c": 1})
+    records = _rewrite_metadata(metadata_url, lambda records: None)
+    row_of_a = next(r["sequence_index"] for r in records if r["canonical_id"].startswith("a/"))
+    _rewrite_metadata(metadata_url, lambda records: next(
+        r for r in records if r["canonical_id"].startswith("b/")).update(sequence_index=row_of_a))
+    opened = Stage3Store.open(url, metadata_url)
+    assert sorted(opened.quarantined()) == ["a", "b"]
+    assert "rows claimed by pages of ['a', 'b']" in opened.quarantined()["b"].error
+    opened.comic("c").validate()
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda records: records[0].update(sequence_index=10_000), "outside the"),
-    (lambda records: records[0].pop("num_panels"), "lacks 'num_panels'"),
-    (lambda records: records[0].update(canonical_id="loose_page.jpg"), "no parent folder"),
-    (lambda records: records[0].update(canonical_id="bad dir/page_1.jpg"), "invalid comic id"),
+    (lambda records: next(r for r in records if r["canonical_id"] == "a/page_2.jpg").update(
+        sequence_index=10_000),
+     r"comic 'a': page 'a/page_2.jpg' \(record \d+\): sequence_index 10000 is outside the \d+ rows"),
+    (lambda records: next(r for r in records if r["canonical_id"] == "a/page_1.jpg").pop("num_panels"),
+     r"comic 'a': page 'a/page_1.jpg' \(record \d+\): sequence_index=\d+ and num_panels=None must be"),
+])
+def test_legacy_bad_record_is_its_comics_problem(tmp_path, change, message):
+    url, metadata_url, _ = build_legacy_store(tmp_path, {"a": 3, "Other (1990) #2": 2})
+    _rewrite_metadata(metadata_url, change)
+    opened = Stage3Store.open(url, metadata_url)
+    with pytest.raises(Stage3StoreError, match=message):
+        opened.comic("a")
+    assert opened.comic(comic_key("Other (1990) #2")).validate().n_pages == 2
+
+
+def test_legacy_record_without_a_folder_is_a_warning(tmp_path):
+    url, metadata_url, _ = build_legacy_store(tmp_path, {"a": 3})
+    _rewrite_metadata(metadata_url, lambda records: records[0].update(canonical_id="loose_page.jpg"))
+    opened = Stage3Store.open(url, metadata_url)
+    assert opened.comic_ids() == ["a"] and opened.comic("a").n_pages == 2
+    assert opened.warnings == [f"record 0: canonical_id 'loose_page.jpg' has no parent folder, so it "
+                               "belongs to no comic"]
+
+
+@pytest.mark.parametrize("change, message", [
     (lambda records: records.clear(), "non-empty JSON list"),
 ])
 def test_legacy_bad_metadata(tmp_path, change, message):
@@ -586,12 +684,12 @@ def test_legacy_reads_are_lazy_and_only_a_comics_rows(tmp_path, monkeypatch):
         opened = Stage3Store.open(url, metadata_url)
         assert len(opened.comic_ids()) == 200
         assert reads.chunks("panel_embeddings") == set() and reads.chunks("panel_masks") == set()
-        features = opened.load_features(["series__c123"])
+        features = opened.load_features([comic_key("series/c123")])
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert features.fused.shape == (100, 16, 512) and (features.fused == 0).all()
-    rows = np.asarray(truth["series__c123"][1])
+    rows = np.asarray(truth[comic_key("series/c123")][1])
     row_chunks = {f"panel_embeddings/{row // 64}.0.0" for row in rows}
     assert reads.chunks("panel_embeddings") == row_chunks  # its own rows' chunks, nothing else
     assert len(row_chunks) < 20_000 // 64

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import embedding_store, training
+from comic_pipeline import embedding_pipeline, embedding_store, training
 from comic_pipeline.defs.evaluation import champion_model
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
 from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
@@ -49,10 +49,10 @@ def contextualized_embeddings(
     run_id = tracking.run_id_of(version)
     store = stage3.open()
     url = storage.contextualized_url()
-    comics = [embedding_store.ComicInput.from_reader(store.comic(comic_id)) for comic_id in context.partition_keys]
+    comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in context.partition_keys]
     started = time.perf_counter()
     progress = _Progress(context, total=len(comics))
-    written = embedding_store.embed_and_write(
+    written = embedding_pipeline.embed_and_write(
         url, comics,
         encode=lambda features: training.embed_pages(model, features, device=device),
         batch_pages=config.batch_pages, model_name=tracking.registered_model_name,

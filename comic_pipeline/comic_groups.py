@@ -1,0 +1,155 @@
+"""The comic-group layer both Zarr stores stand on: a root group whose attrs say its format, a
+`comics` group with one child per comic, and the few primitives that make that safe and fast.
+
+- locations: what zarr should be given for a path or fsspec URL; JSON documents read whole;
+- listing: the children of a folder, temporary (dot-prefixed) entries skipped;
+- checks: root attrs (format, version), prefix masks;
+- chunking: chunks of whole pages, a few MiB each;
+- raw Zarr v3 encoding: a group / an uncompressed one-chunk array as {relative path: bytes}, so a
+  writer can put a whole comic with one batch of plain object writes instead of zarr's per-node
+  machinery (readers still open it with zarr);
+- ``put_atomic``: one object replaced whole (the commit primitive of the output store).
+
+Which comic a group is, is decided by comic_pipeline.comic_names: the one naming rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from typing import Mapping
+
+import numpy as np
+from fsspec.core import url_to_fs
+
+from comic_pipeline import fileio
+
+COMICS = "comics"  # the group holding one child per comic, in both stores
+CHUNK_TARGET_BYTES = 4 << 20  # a few MiB per chunk: few files, reads not much bigger than asked
+
+
+# --- locations and documents -------------------------------------------------------------------
+def zarr_location(url: str) -> str:
+    """What zarr.open_group should get: a plain path for local files (zarr's LocalStore makes
+    parent folders; its fsspec store on file:// does not), the URL itself otherwise."""
+    if fileio.is_local(url):
+        _, path = url_to_fs(url)
+        return path
+    return url
+
+
+def read_json(url: str) -> dict | None:
+    """Parsed JSON object at `url`, or None when there is no such file."""
+    fs, path = url_to_fs(url)
+    try:
+        # cat_file: one whole GET, never sized from a cached listing (a pointer changes size)
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def list_children(url: str) -> list[str]:
+    """Sorted names of the folders directly under `url` (empty when `url` does not exist).
+    Dot-prefixed names are writers' temporary entries and are skipped."""
+    fs, path = url_to_fs(url)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)  # never a cached listing
+    except FileNotFoundError:
+        return []
+    names = (entry["name"].rstrip("/").rpartition("/")[2] for entry in entries
+             if entry["type"] == "directory")
+    return sorted(name for name in names if not name.startswith("."))
+
+
+# --- checks ------------------------------------------------------------------------------------
+def root_format_problem(attrs: Mapping, fmt: str, version: int) -> str | None:
+    """None when root `attrs` say format `fmt` at `version`, else what is wrong."""
+    if attrs.get("format") != fmt:
+        return f"root attrs format={attrs.get('format')!r}, expected {fmt!r}"
+    if attrs.get("version") != version:
+        return f"unsupported version {attrs.get('version')!r} (this code knows version {version})"
+    return None
+
+
+def prefix_gap(mask: np.ndarray) -> tuple[int, ...] | None:
+    """Index (all axes but the last) of the first row whose valid entries are not a prefix along
+    the last axis (a True after a False), or None when every row is a prefix."""
+    gap = mask[..., 1:] & ~mask[..., :-1]
+    if not gap.any():
+        return None
+    return tuple(int(i) for i in np.argwhere(gap)[0][:-1])
+
+
+def page_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks of whole pages (first axis), CHUNK_TARGET_BYTES each at most (one page at least)."""
+    page_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    pages = int(np.clip(CHUNK_TARGET_BYTES // page_bytes, 1, max(1, shape[0])))
+    return (pages, *shape[1:])
+
+
+# --- raw Zarr v3 -------------------------------------------------------------------------------
+def group_document(attributes: Mapping) -> bytes:
+    """The zarr.json of a Zarr v3 group with these attributes."""
+    return json.dumps({"attributes": dict(attributes), "zarr_format": 3, "node_type": "group"},
+                      indent=2).encode()
+
+
+def array_files(name: str, data: np.ndarray) -> dict[str, bytes]:
+    """{path relative to the group: bytes} of a Zarr v3 array holding `data` in chunks of whole
+    pages, uncompressed (embeddings barely compress; the bytes codec alone is storage speed)."""
+    data = np.ascontiguousarray(data)
+    if data.dtype == np.bool_:
+        codecs, fill = [{"name": "bytes"}], False
+    else:
+        data = data.astype(data.dtype.newbyteorder("<"), copy=False)
+        codecs, fill = [{"name": "bytes", "configuration": {"endian": "little"}}], 0.0
+    chunks = page_chunks(data.shape, data.itemsize)
+    metadata = {
+        "shape": list(data.shape), "data_type": data.dtype.name,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill, "codecs": codecs, "attributes": {}, "zarr_format": 3,
+        "node_type": "array", "storage_transformers": [],
+    }
+    files = {f"{name}/zarr.json": json.dumps(metadata).encode()}
+    rest = "/".join("0" for _ in data.shape[1:])
+    for index, start in enumerate(range(0, data.shape[0], chunks[0])):
+        block = data[start:start + chunks[0]]
+        if block.shape[0] < chunks[0]:  # zarr stores edge chunks at full chunk size
+            padded = np.zeros(chunks, dtype=data.dtype)
+            padded[: block.shape[0]] = block
+            block = padded
+        key = f"{name}/c/{index}" + (f"/{rest}" if rest else "")
+        files[key] = block.tobytes()
+    return files
+
+
+def put_files(url: str, files: Mapping[str, bytes]) -> None:
+    """Write `files` ({path relative to url: bytes}) under `url`; remote writes go out together."""
+    fs, path = url_to_fs(url)
+    targets = {f"{path.rstrip('/')}/{relative}": data for relative, data in files.items()}
+    if fileio.is_local(url):
+        for target, data in targets.items():
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as handle:
+                handle.write(data)
+    else:
+        fs.pipe(targets)  # s3fs sends these concurrently
+
+
+def put_atomic(url: str, data: bytes) -> None:
+    """Replace the object at `url` whole: a reader gets the old bytes or the new ones, never a mix
+    and never nothing. Locally: a temporary sibling, then os.replace (atomic on one filesystem);
+    on an object store: one PUT of the whole object, which stores replace atomically (no
+    temporary object, so a crash leaves nothing behind)."""
+    fs, path = url_to_fs(url)
+    if fileio.is_local(url):
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)

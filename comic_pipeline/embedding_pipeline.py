@@ -1,0 +1,257 @@
+"""Streaming many comics through a model into the contextualized-embedding store.
+
+``embed_and_write``: pages of several comics share one batch; comics are read by a small pool of
+reader threads several comics ahead of the encoder (reads overlap compute); each comic is written
+(committed) by a helper thread as soon as its last page is embedded, while the next batch is
+encoded. Memory stays at one batch plus a few comics however many comics go through.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from comic_pipeline.embedding_store import ensure_root, write_comic
+from comic_pipeline.schema import PageFeatures
+from comic_pipeline.store import join_pages
+
+READERS = 4  # comics loading at once ahead of the encoder
+
+
+@dataclass
+class ComicInput:
+    """A comic to embed: its pages are loaded only when the embedder reaches it."""
+
+    comic_id: str  # the key (comic_names.comic_key of name)
+    page_ids: list[str]
+    content_hash: str | None  # Stage 3 content hash stamped on the output; None: load() sets it
+    load: Callable[[], PageFeatures]  # the comic's pages in reading order
+    name: str | None = None  # the comic's name (default: comic_id)
+
+    @classmethod
+    def from_reader(cls, reader, modalities: Iterable[str] | None = None,
+                    content_hash: str | None = None) -> "ComicInput":
+        """Lazy input over a comic of the Stage 3 store (a comic_pipeline.store.ComicReader).
+
+        load() returns the comic's features (all stored modalities unless given; the reader
+        checks masks and values of what it reads, so a bad comic fails before anything of it is
+        written). Without a known content_hash, load() reads every modality once and hashes what
+        it read; with a subset of modalities and no hash it validates the whole comic first.
+        """
+        def load() -> PageFeatures:
+            if comic.content_hash is not None:  # `comic` is bound below
+                return reader.features(modalities)
+            if modalities is None:
+                features, summary = reader.validated_features()
+                comic.content_hash = summary.content_hash
+                return features
+            comic.content_hash = reader.validate().content_hash
+            return reader.features(modalities)
+
+        comic = cls(comic_id=reader.comic_id, page_ids=list(reader.page_ids), content_hash=content_hash,
+                    load=load, name=reader.name)
+        return comic
+
+
+@dataclass(frozen=True)
+class WrittenComic:
+    comic_id: str
+    url: str
+    n_pages: int
+    n_panels: int
+    seconds: float  # from loading its pages to its commit
+    name: str = ""
+
+
+@dataclass
+class _PendingComic:
+    """A comic whose pages are (partly) in flight: outputs fill in as batches finish."""
+
+    comic: ComicInput
+    panel_mask: np.ndarray  # (pages, P) bool
+    started: float
+    panels: np.ndarray | None = None  # (pages, P, D_out) allocated on first output
+    strips: np.ndarray | None = None  # (pages, D_out)
+    done_pages: int = 0
+
+
+def _checked_features(comic: ComicInput, features: PageFeatures) -> PageFeatures:
+    where = f"comic {comic.name or comic.comic_id!r}"
+    if not isinstance(features, PageFeatures):
+        raise TypeError(f"{where}: load() must return PageFeatures, got {type(features).__name__}")
+    if features.n_pages == 0:
+        raise ValueError(f"{where}: no pages to embed")
+    if features.n_pages != len(comic.page_ids):
+        raise ValueError(f"{where}: load() gave {features.n_pages} pages but page_ids lists {len(comic.page_ids)}")
+    if not np.array_equal(np.asarray(features.page_ids, dtype=str), np.asarray(comic.page_ids, dtype=str)):
+        raise ValueError(f"{where}: load() gave pages in a different order or with other ids than page_ids")
+    if not (np.asarray(features.comic_ids) == comic.comic_id).all():
+        raise ValueError(f"{where}: load() gave rows of other comics")
+    return features
+
+
+def _loaded_comics(comics: Iterable[ComicInput], readers: int
+                   ) -> Iterator[tuple[ComicInput, float, PageFeatures]]:
+    """(comic, load start time, its checked pages) in input order. readers > 0: a pool of that
+    many threads loads the next comics while this one is encoded (zarr and numpy release the
+    GIL while reading and decoding); readers = 0 loads in the caller's thread."""
+    seen: set[str] = set()
+
+    def checked(comic: ComicInput) -> ComicInput:
+        if comic.comic_id in seen:
+            raise ValueError(f"comic {comic.name or comic.comic_id!r} is listed twice in one embedding run")
+        seen.add(comic.comic_id)
+        return comic
+
+    if readers < 1:
+        for comic in comics:
+            comic = checked(comic)
+            t0 = time.perf_counter()
+            yield comic, t0, _checked_features(comic, comic.load())
+        return
+    iterator = iter(comics)
+    with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="comic-reader") as pool:
+        ahead: deque[tuple[ComicInput, float, Future]] = deque()
+
+        def top_up() -> None:
+            while len(ahead) < readers:
+                comic = next(iterator, None)
+                if comic is None:
+                    return
+                comic = checked(comic)
+                ahead.append((comic, time.perf_counter(), pool.submit(comic.load)))
+
+        top_up()
+        while ahead:
+            comic, t0, future = ahead.popleft()
+            try:
+                pages = _checked_features(comic, future.result())  # a failed load re-raises here
+            except BaseException:
+                for _, _, pending in ahead:
+                    pending.cancel()
+                raise
+            top_up()  # keeps `readers` comics loading while this one is cut and encoded
+            yield comic, t0, pages
+            del pages
+
+
+def _batches(comics: Iterable[ComicInput], batch_pages: int, readers: int
+             ) -> Iterator[tuple[list[tuple[_PendingComic, int, int]], list[PageFeatures], list[_PendingComic]]]:
+    """Cut the pages of consecutive comics into batches of batch_pages (the last may be short).
+
+    Yields (pieces, features, newly_started): pieces[i] = (pending comic, first page, end page)
+    of features[i]; newly_started lists comics whose first page is in this batch. Pieces are
+    views, so a comic is freed once its last piece is encoded.
+    """
+    pieces: list[tuple[_PendingComic, int, int]] = []
+    features: list[PageFeatures] = []
+    started: list[_PendingComic] = []
+    room = batch_pages
+    for comic, t0, pages in _loaded_comics(comics, readers):
+        pending = _PendingComic(comic=comic, panel_mask=np.asarray(pages.panel_mask, dtype=bool), started=t0)
+        started.append(pending)
+        first = 0
+        while first < pages.n_pages:
+            end = min(pages.n_pages, first + room)
+            pieces.append((pending, first, end))
+            features.append(pages.select(slice(first, end)))  # views, no copy
+            room -= end - first
+            first = end
+            if room == 0:
+                yield pieces, features, started
+                pieces, features, started, room = [], [], [], batch_pages
+        del pages
+    if pieces:
+        yield pieces, features, started
+
+
+def embed_and_write(url: str, comics: Iterable[ComicInput],
+                    encode: Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], *,
+                    batch_pages: int, model_name: str, model_version: str, mlflow_run_id: str | None,
+                    on_comic_written: Callable[[str, int, float], None] | None = None,
+                    dtype: str = "float32", extra_attrs: dict | None = None,
+                    background_write: bool = True, prefetch: bool = True,
+                    readers: int = READERS) -> list[WrittenComic]:
+    """Embed comics in shared batches and commit each one as soon as all its pages are done.
+
+    encode(batch) takes PageFeatures of up to batch_pages pages (possibly from several comics,
+    in order; comics with different modalities share a batch with the modalities they all have)
+    and returns (panels (n, P, D_out), strips (n, D_out)). Comics are loaded in order by
+    `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comic groups
+    are committed by a helper thread, at most one write in flight (background_write).
+    on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
+    commit. Returns the written comics in input order.
+    """
+    if batch_pages < 1:
+        raise ValueError(f"batch_pages must be at least 1, got {batch_pages}")
+    ensure_root(url)
+    written: list[WrittenComic] = []
+    in_flight: deque[_PendingComic] = deque()  # comics started, not yet written, in input order
+    writes: deque[tuple[_PendingComic, Future]] = deque()  # submitted, not yet reported
+
+    def write(pending: _PendingComic) -> str:
+        comic = pending.comic
+        if comic.content_hash is None:
+            raise ValueError(f"comic {comic.name or comic.comic_id!r}: no Stage 3 content hash "
+                             "(ComicInput.content_hash is None and load() did not set it)")
+        return write_comic(
+            url, comic.comic_id, name=comic.name,
+            panel_embeddings=pending.panels, strip_embeddings=pending.strips,
+            panel_mask=pending.panel_mask, page_ids=comic.page_ids,
+            model_name=model_name, model_version=model_version, mlflow_run_id=mlflow_run_id,
+            stage3_content_hash=comic.content_hash, extra_attrs=extra_attrs, dtype=dtype,
+        )
+
+    def report_oldest() -> None:
+        pending, future = writes.popleft()
+        comic_url = future.result()  # re-raises a failed write here, in the caller's thread
+        seconds = time.perf_counter() - pending.started
+        comic = pending.comic
+        record = WrittenComic(comic.comic_id, comic_url, len(comic.page_ids),
+                              int(pending.panel_mask.sum()), seconds, comic.name or comic.comic_id)
+        written.append(record)
+        if on_comic_written is not None:
+            on_comic_written(record.comic_id, record.n_pages, seconds)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-writer") as writer:
+        for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0):
+            in_flight.extend(started)
+            batch = join_pages(features)
+            panels, strips = encode(batch)
+            panels, strips = np.asarray(panels), np.asarray(strips)
+            n = batch.n_pages
+            if panels.ndim != 3 or panels.shape[:2] != (n, batch.max_panels) or strips.shape != (n, panels.shape[2]):
+                raise ValueError(f"encode returned panels {panels.shape} and strips {strips.shape} for a batch "
+                                 f"of {n} pages with {batch.max_panels} panel slots; expected "
+                                 f"({n}, {batch.max_panels}, D) and ({n}, D)")
+            offset = 0
+            for pending, first, end in pieces:
+                if pending.panels is None:
+                    n_pages = len(pending.comic.page_ids)
+                    pending.panels = np.zeros((n_pages,) + panels.shape[1:], dtype=np.float32)
+                    pending.strips = np.zeros((n_pages, strips.shape[1]), dtype=np.float32)
+                pending.panels[first:end] = panels[offset: offset + end - first]
+                pending.strips[first:end] = strips[offset: offset + end - first]
+                pending.done_pages += end - first
+                offset += end - first
+            del batch, features, pieces, panels, strips
+            # comics finish in input order; hand every finished one to the writer
+            while in_flight and in_flight[0].done_pages == len(in_flight[0].comic.page_ids):
+                pending = in_flight.popleft()
+                while writes:  # at most one write in flight: memory stays flat
+                    report_oldest()
+                if background_write:
+                    writes.append((pending, writer.submit(write, pending)))
+                else:
+                    future: Future = Future()
+                    future.set_result(write(pending))
+                    writes.append((pending, future))
+                    report_oldest()
+        while writes:
+            report_oldest()
+    return written

@@ -1,0 +1,156 @@
+import gc
+import uuid
+import weakref
+
+import numpy as np
+import pytest
+
+from comic_pipeline import embedding_pipeline as ep
+from comic_pipeline import embedding_store as es
+from comic_pipeline import store
+from comic_pipeline.schema import PageFeatures
+from comic_pipeline_tests.embedding_fakes import D_IN, P, comic_inputs, fake_encode, features_of
+
+
+@pytest.fixture(params=["local", "memory"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ctx.zarr")
+    return f"memory://ctx-{uuid.uuid4().hex}.zarr"
+
+
+def test_streaming_across_comic_boundaries_equals_one_comic_at_a_time(store_url, tmp_path):
+    sizes = {"c0": 5, "c1": 2, "c2": 1, "c3": 7, "c4": 3}
+    batch_sizes, batch_comics = [], []
+
+    def recording_encode(batch):
+        batch_sizes.append(batch.n_pages)
+        batch_comics.append(set(batch.comic_ids.tolist()))
+        return fake_encode(batch)
+
+    callbacks = []
+    written = ep.embed_and_write(
+        store_url, comic_inputs(sizes), recording_encode, batch_pages=4, model_name="seq",
+        model_version="7", mlflow_run_id="r", on_comic_written=lambda *args: callbacks.append(args),
+    )
+    assert batch_sizes == [4, 4, 4, 4, 2]  # 18 pages in full batches of 4
+    assert any(len(comics) > 1 for comics in batch_comics)  # batches span comic boundaries
+    assert [w.comic_id for w in written] == list(sizes)
+    assert [(c[0], c[1]) for c in callbacks] == list(sizes.items())
+    assert all(w.seconds >= 0 and w.url.endswith(f"/comics/{w.comic_id}") for w in written)
+
+    reference_url = str(tmp_path / "reference.zarr")
+    for comic in comic_inputs(sizes):
+        features = comic.load()
+        panels, strips = fake_encode(features)
+        es.write_comic(reference_url, comic.comic_id, panel_embeddings=panels, strip_embeddings=strips,
+                       panel_mask=features.panel_mask, page_ids=comic.page_ids, model_name="seq",
+                       model_version="7", mlflow_run_id="r", stage3_content_hash=comic.content_hash)
+    streamed, reference = es.ContextualizedStore.open(store_url), es.ContextualizedStore.open(reference_url)
+    assert streamed.comic_ids() == reference.comic_ids() == sorted(sizes)
+    for comic_id in sizes:
+        a, b = streamed.read(comic_id), reference.read(comic_id)
+        np.testing.assert_array_equal(a.panel_embeddings, b.panel_embeddings)
+        np.testing.assert_array_equal(a.strip_embeddings, b.strip_embeddings)
+        np.testing.assert_array_equal(a.panel_mask, b.panel_mask)
+        assert a.attrs["stage3_content_hash"] == f"hash-{comic_id}"
+        assert written[list(sizes).index(comic_id)].n_panels == int(b.panel_mask.sum())
+
+
+def test_streaming_loads_lazily_and_writes_early(tmp_path):
+    """Each comic is written before comics beyond the next batch are loaded (flat memory)."""
+    sizes = {f"c{i}": 3 for i in range(6)}
+    loads: list[str] = []
+    loaded_when_written = {}
+    ep.embed_and_write(
+        str(tmp_path / "s.zarr"), comic_inputs(sizes, loads), fake_encode, batch_pages=2,
+        model_name="m", model_version="1", mlflow_run_id=None, background_write=False, prefetch=False,
+        on_comic_written=lambda comic_id, *_: loaded_when_written.__setitem__(comic_id, len(loads)),
+    )
+    # batches of 2 over 3-page comics: [c0 c0] [c0 c1] [c1 c1] [c2 c2] [c2 c3] [c3 c3] ...
+    # c0 is written once c1 is loaded, c1 before c2 is loaded, and so on
+    assert loaded_when_written == {"c0": 2, "c1": 2, "c2": 4, "c3": 4, "c4": 6, "c5": 6}
+
+
+@pytest.mark.parametrize("background_write,prefetch", [(True, True), (False, False), (True, False)])
+def test_streaming_memory_does_not_grow_with_comics(tmp_path, background_write, prefetch):
+    """When a comic is loaded, at most one earlier comic's arrays are still alive (plus the
+    comics the reader pool loads ahead), however many comics went through."""
+    alive_at_load = []
+    probes: list[weakref.ref] = []
+    inputs = comic_inputs({f"c{i}": 5 for i in range(8)})
+    for comic in inputs:
+        def load(inner=comic.load):
+            gc.collect()
+            alive_at_load.append(sum(probe() is not None for probe in probes))
+            features = inner()
+            probes.append(weakref.ref(features.fused))  # batch pieces are views of this array
+            return features
+        comic.load = load
+    written = ep.embed_and_write(str(tmp_path / "s.zarr"), inputs, fake_encode, batch_pages=3,
+                                 model_name="m", model_version="1", mlflow_run_id=None,
+                                 background_write=background_write, prefetch=prefetch, readers=2)
+    assert [w.comic_id for w in written] == [f"c{i}" for i in range(8)]
+    assert max(alive_at_load) <= (3 if prefetch else 1)  # + up to `readers` loading ahead
+    assert len(alive_at_load) == 8
+
+
+def test_streaming_reports_bad_comics_and_bad_encoders(tmp_path):
+    url = str(tmp_path / "s.zarr")
+    comics = comic_inputs({"a": 2})
+    comics[0].page_ids = ["x", "y"]
+    with pytest.raises(ValueError, match="comic 'a': load\\(\\) gave pages in a different order"):
+        ep.embed_and_write(url, comics, fake_encode, batch_pages=4, model_name="m", model_version="1",
+                           mlflow_run_id=None)
+    with pytest.raises(ValueError, match="listed twice"):
+        ep.embed_and_write(url, comic_inputs({"a": 2}) * 2, fake_encode, batch_pages=4, model_name="m",
+                           model_version="1", mlflow_run_id=None)
+    with pytest.raises(ValueError, match="encode returned panels"):
+        ep.embed_and_write(url, comic_inputs({"a": 2}), lambda b: (np.zeros((1, P, 3)), np.zeros((1, 3))),
+                           batch_pages=4, model_name="m", model_version="1", mlflow_run_id=None)
+    failing_url = str(tmp_path / "failing.zarr")
+    with pytest.raises(TypeError):  # a failed background write surfaces in the caller
+        ep.embed_and_write(failing_url, comic_inputs({"a": 2, "b": 3}), fake_encode, batch_pages=2,
+                           model_name="m", model_version="1", mlflow_run_id=None,
+                           extra_attrs={"unserializable": object()})
+    assert es.ContextualizedStore.open(failing_url).comic_ids() == []
+    def failing_load():
+        raise OSError("stage 3 read failed")
+
+    broken = comic_inputs({"ok": 2, "broken": 2})
+    broken[1].load = failing_load
+    broken_url = str(tmp_path / "broken.zarr")
+    with pytest.raises(OSError, match="stage 3 read failed"):  # a prefetched load's error surfaces
+        ep.embed_and_write(broken_url, broken, fake_encode, batch_pages=2, model_name="m",
+                           model_version="1", mlflow_run_id=None)
+    assert es.ContextualizedStore.open(broken_url).comic_ids() == ["ok"]
+    with pytest.raises(ValueError, match="batch_pages"):
+        ep.embed_and_write(url, [], fake_encode, batch_pages=0, model_name="m", model_version="1",
+                           mlflow_run_id=None)
+
+
+
+# --- Stage 3 input ----------------------------------------------------------------------------
+def test_comic_input_from_stage3_reader(tmp_path):
+    stage3_url = str(tmp_path / "stage3.zarr")
+    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
+    for seed, (comic_id, n_pages) in enumerate({"k1": 3, "k2": 4}.items()):
+        features = features_of(comic_id, n_pages, seed)
+        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
+                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
+    stage3 = store.Stage3Store.open(stage3_url)
+    inputs = [ep.ComicInput.from_reader(stage3.comic(comic_id)) for comic_id in stage3.comic_ids()]
+    assert [c.content_hash for c in inputs] == [None, None]  # nothing read yet
+    out_url = str(tmp_path / "ctx.zarr")
+    ep.embed_and_write(out_url, inputs, fake_encode, batch_pages=5, model_name="m", model_version="1",
+                       mlflow_run_id=None)
+    ctx = es.ContextualizedStore.open(out_url)
+    for seed, comic_id in enumerate(["k1", "k2"]):
+        assert ctx.attrs(comic_id)["stage3_content_hash"] == stage3.comic(comic_id).validate().content_hash
+        expected_panels, _ = fake_encode(features_of(comic_id, 3 + seed, seed))
+        np.testing.assert_allclose(ctx.read(comic_id).panel_embeddings, expected_panels, rtol=1e-6)
+    # a hash known upstream is stamped as given, without validating the comic again
+    known = ep.ComicInput.from_reader(stage3.comic("k1"), content_hash="from-upstream")
+    ep.embed_and_write(out_url, [known], fake_encode, batch_pages=5, model_name="m", model_version="2",
+                       mlflow_run_id=None)
+    assert ctx.attrs("k1")["stage3_content_hash"] == "from-upstream"
