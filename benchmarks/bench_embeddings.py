@@ -6,6 +6,13 @@ Figures (one table):
   (b) peak RSS while embed_and_write runs over 1x and 10x the number of comics, each in a
       fresh subprocess, and the growth ratio (target < 1.2x: memory must not grow with the
       corpus); resident set sampled every 5 ms during the run;
+  (io) the I/O path alone: the same read -> (identity encoder) -> commit pipeline in pages/s,
+      beside the raw limit: the same bytes read and written as plain numpy files on the same disk,
+      and their ratio (target >= 0.5);
+  (d) output-store candidates writing the same contextualized arrays: this store's commit
+      layout (raw Zarr v3 version group + pointer), zarr-python groups renamed into place (the
+      previous store), Icechunk (a commit per comic, and per 64 comics) when installed, beside
+      plain numpy files;
   (c) hook for the Dagster overhead of a 200-comic backfill vs pure compute: this script measures
       the pure-compute half (backfill_pure_compute_seconds); the Dagster half is registered in
       DAGSTER_BACKFILL_HOOK by the Dagster layer's benchmark.
@@ -17,6 +24,7 @@ table says which. (a) is best-of-3 interleaved rounds, since a shared machine sl
 
     .venv/bin/python benchmarks/bench_embeddings.py [--base-comics N] [--batch-pages B]
         [--presets demo,full] [--full-comics 24] [--backfill-comics 200] [--projection] [--skip-rss]
+        [--skip-io] [--candidate-comics 200]
 """
 
 from __future__ import annotations
@@ -158,6 +166,163 @@ def measure_throughput(stage3_url: str, out_url: str, batch_pages: int, force_pr
     }
 
 
+# --- (io) the I/O path alone -----------------------------------------------------------------
+def identity_encode(features: PageFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """No model: panels are the fused inputs, a strip is their masked mean (what a model would
+    write, at the input width)."""
+    panels = features.fused  # (n, P, D)
+    counts = np.maximum(features.panel_mask.sum(1, keepdims=True), 1)  # (n, 1)
+    return panels, (panels.sum(1) / counts).astype(np.float32)  # (n, D)
+
+
+def _stored_arrays(stage3_url: str) -> dict[str, dict[str, np.ndarray]]:
+    """{comic: {array: values as stored}} of a native Stage 3 store (setup, not timed)."""
+    import zarr
+
+    from comic_pipeline.store import Stage3Store
+
+    store = Stage3Store.open(stage3_url)
+    root = zarr.open_group(stage3_url, mode="r")
+    return {key: {name: array[...] for name, array in root[f"comics/{store.name_of(key)}"].arrays()}
+            for key in store.comic_ids()}
+
+
+def measure_io_path(stage3_url: str, out_url: str, raw_folder: str, batch_pages: int, rounds: int = 3) -> dict:
+    """Best-of-rounds pages/s of the pipeline with the identity encoder (read + validate + hash +
+    batch + commit) and of plain numpy files moving the same bytes, interleaved."""
+    stored = _stored_arrays(stage3_url)
+    n_pages = sum(arrays["panel_mask"].shape[0] for arrays in stored.values())
+    source = os.path.join(raw_folder, "in")
+    for key, arrays in stored.items():  # the input bytes as numpy files (setup)
+        os.makedirs(os.path.join(source, key), exist_ok=True)
+        for name, values in arrays.items():
+            np.save(os.path.join(source, key, f"{name}.npy"), values)
+    pipeline_seconds, raw_seconds = [], []
+    for round_index in range(rounds):
+        inputs = comic_inputs(stage3_url, None)
+        t0 = time.perf_counter()
+        embedding_pipeline.embed_and_write(out_url, inputs, identity_encode, batch_pages=batch_pages,
+                                           model_name="bench", model_version=str(round_index),
+                                           mlflow_run_id=None)
+        pipeline_seconds.append(time.perf_counter() - t0)
+        target = os.path.join(raw_folder, f"out{round_index}")
+        t0 = time.perf_counter()
+        for key in stored:
+            arrays = {name[:-4]: np.load(os.path.join(source, key, name))
+                      for name in os.listdir(os.path.join(source, key))}
+            mask = arrays["panel_mask"]
+            panels = arrays["panel_embeddings"].astype(np.float32)  # what the pipeline writes
+            os.makedirs(os.path.join(target, key))
+            np.save(os.path.join(target, key, "panel_embeddings.npy"), panels)
+            np.save(os.path.join(target, key, "strip_embeddings.npy"), panels.mean(1))
+            np.save(os.path.join(target, key, "panel_mask.npy"), mask)
+        raw_seconds.append(time.perf_counter() - t0)
+    pipeline, raw = min(pipeline_seconds), min(raw_seconds)
+    return {"comics": len(stored), "pages": n_pages, "io_pages_per_s": n_pages / pipeline,
+            "raw_pages_per_s": n_pages / raw, "ratio": raw / pipeline}
+
+
+# --- (d) output-store candidates --------------------------------------------------------------
+def _outputs(stage3_url: str, limit: int) -> list[tuple[str, dict[str, np.ndarray], list[str]]]:
+    """(key, contextualized arrays, page ids) per comic, identity-encoded (setup, not timed)."""
+    from comic_pipeline.store import Stage3Store
+
+    store = Stage3Store.open(stage3_url)
+    outputs = []
+    for key in store.comic_ids()[:limit]:
+        comic = store.comic(key)
+        features = comic.features(["fused"])
+        panels, strips = identity_encode(features)
+        outputs.append((key, {"panel_embeddings": panels, "strip_embeddings": strips,
+                              "panel_mask": features.panel_mask}, comic.page_ids))
+    return outputs
+
+
+def _write_commit_layout(url: str, outputs) -> None:
+    from comic_pipeline import embedding_store
+
+    for key, arrays, page_ids in outputs:
+        embedding_store.write_comic(url, key, panel_embeddings=arrays["panel_embeddings"],
+                                    strip_embeddings=arrays["strip_embeddings"],
+                                    panel_mask=arrays["panel_mask"], page_ids=page_ids,
+                                    model_name="bench", model_version="0", mlflow_run_id=None,
+                                    stage3_content_hash="h")
+
+
+def _write_renamed_zarr_groups(url: str, outputs) -> None:
+    """The previous store: each comic a zarr-python group (async array writes, attrs last)
+    written aside and renamed into place."""
+    import asyncio
+
+    from zarr.api import asynchronous as zarr_async
+    from zarr.core.sync import sync as zarr_sync
+
+    from comic_pipeline import fileio
+
+    async def write_group(location: str, arrays: dict) -> None:
+        group = await zarr_async.open_group(location, mode="w", zarr_format=3)
+
+        async def write_array(name, data):
+            array = await group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                             chunks=(min(64, data.shape[0]),) + data.shape[1:])
+            await array.setitem(slice(None), data)
+
+        await asyncio.gather(*(write_array(name, data) for name, data in arrays.items()))
+        await group.update_attributes({"complete": True})
+
+    for key, arrays, _ in outputs:
+        with fileio.atomic_directory(os.path.join(url, "comics", key)) as tmp_url:
+            zarr_sync(write_group(tmp_url, arrays))
+
+
+def _write_icechunk(url: str, outputs, comics_per_commit: int) -> None:
+    import icechunk
+    import zarr
+
+    repo = icechunk.Repository.create(icechunk.local_filesystem_storage(url))
+    for start in range(0, len(outputs), comics_per_commit):
+        session = repo.writable_session("main")
+        for key, arrays, _ in outputs[start:start + comics_per_commit]:
+            group = zarr.open_group(session.store, path=f"comics/{key}", mode="w", zarr_format=3)
+            for name, data in arrays.items():
+                group.create_array(name, data=data, chunks=data.shape, compressors=None)
+        session.commit(f"comics {start}..{start + comics_per_commit}")
+
+
+def _write_numpy_files(url: str, outputs) -> None:
+    for key, arrays, _ in outputs:
+        os.makedirs(os.path.join(url, key))
+        for name, data in arrays.items():
+            np.save(os.path.join(url, key, f"{name}.npy"), data)
+
+
+def measure_store_candidates(stage3_url: str, folder: str, limit: int) -> list[tuple[str, float, float]]:
+    """(candidate, comics/s, MB/s) writing the same outputs; best of 2 rounds each."""
+    import importlib.util
+
+    outputs = _outputs(stage3_url, limit)
+    megabytes = sum(a.nbytes for _, arrays, _ in outputs for a in arrays.values()) / 2**20
+    candidates = [
+        ("plain numpy files (limit)", _write_numpy_files),
+        ("commit layout (this store)", _write_commit_layout),
+        ("zarr-python groups + rename (previous store)", _write_renamed_zarr_groups),
+    ]
+    if importlib.util.find_spec("icechunk") is not None:
+        candidates += [
+            ("icechunk, a commit per comic", lambda url, out: _write_icechunk(url, out, 1)),
+            ("icechunk, a commit per 64 comics", lambda url, out: _write_icechunk(url, out, 64)),
+        ]
+    figures = []
+    for index, (label, write) in enumerate(candidates):
+        best = float("inf")
+        for round_index in range(2):
+            t0 = time.perf_counter()
+            write(os.path.join(folder, f"candidate{index}-{round_index}"), outputs)
+            best = min(best, time.perf_counter() - t0)
+        figures.append((label, len(outputs) / best, megabytes / best))
+    return figures
+
+
 # --- (b) peak memory --------------------------------------------------------------------------
 def rss_worker(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool) -> None:
     """Run in a fresh subprocess: embed a whole store, print memory figures as JSON.
@@ -240,6 +405,9 @@ def main() -> None:
     parser.add_argument("--full-comics", type=int, default=24,
                         help="comics measured with the full-size model (it is slow on CPU)")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--skip-io", action="store_true", help="skip figures (io) and (d)")
+    parser.add_argument("--candidate-comics", type=int, default=200,
+                        help="comics written by each output-store candidate in (d)")
     parser.add_argument("--rss-worker", nargs=2, metavar=("STAGE3_URL", "OUT_URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_worker:
@@ -267,6 +435,26 @@ def main() -> None:
                  f"{throughput['end_to_end_pages_per_s']:,.0f} pages/s"),
                 (f"(a) [{preset}] end-to-end / bare", f"{throughput['ratio']:.2f}"),
             ]
+
+        if not args.skip_io:
+            io = measure_io_path(base_url, os.path.join(tmp, "ctx_io.zarr"), os.path.join(tmp, "raw"),
+                                 args.batch_pages)
+            rows += [
+                ("(io) I/O path, identity encoder", f"{io['io_pages_per_s']:,.0f} pages/s "
+                                                    f"({io['pages']} pages of {io['comics']} comics)"),
+                ("(io) raw limit, numpy files", f"{io['raw_pages_per_s']:,.0f} pages/s"),
+                ("(io) I/O path / raw limit", f"{io['ratio']:.2f} (target >= 0.5)"),
+            ]
+            candidate_url = base_url
+            if len(base_ids) < args.candidate_comics:
+                candidate_url = os.path.join(tmp, "stage3_candidates.zarr")
+                write_stage3_store(candidate_url, args.candidate_comics)
+            candidates = measure_store_candidates(candidate_url, os.path.join(tmp, "candidates"),
+                                                  args.candidate_comics)
+            limit = candidates[0][1]
+            for label, comics_per_s, mb_per_s in candidates:
+                rows.append((f"(d) {label}", f"{comics_per_s:,.0f} comics/s, {mb_per_s:,.0f} MB/s, "
+                                             f"{comics_per_s / limit:.2f} of the limit"))
 
         if not args.skip_rss:
             ten_url = os.path.join(tmp, "stage3_10x.zarr")

@@ -30,6 +30,16 @@ CHUNK_TARGET_BYTES = 4 << 20  # a few MiB per chunk: few files, reads not much b
 
 
 # --- locations and documents -------------------------------------------------------------------
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local `url` (plain path or file://), None for any other URL.
+    Cheap (no filesystem object): writers call it for every file."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or "::" in url:
+        return None
+    return url
+
+
 def zarr_location(url: str) -> str:
     """What zarr.open_group should get: a plain path for local files (zarr's LocalStore makes
     parent folders; its fsspec store on file:// does not), the URL itself otherwise."""
@@ -41,6 +51,13 @@ def zarr_location(url: str) -> str:
 
 def read_json(url: str) -> dict | None:
     """Parsed JSON object at `url`, or None when there is no such file."""
+    path = local_path(url)
+    if path is not None:
+        try:
+            with open(path, "rb") as handle:
+                return json.loads(handle.read())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
     fs, path = url_to_fs(url)
     try:
         # cat_file: one whole GET, never sized from a cached listing (a pointer changes size)
@@ -92,7 +109,7 @@ def page_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 def group_document(attributes: Mapping) -> bytes:
     """The zarr.json of a Zarr v3 group with these attributes."""
     return json.dumps({"attributes": dict(attributes), "zarr_format": 3, "node_type": "group"},
-                      indent=2).encode()
+                      separators=(",", ":")).encode()
 
 
 def array_files(name: str, data: np.ndarray) -> dict[str, bytes]:
@@ -108,34 +125,40 @@ def array_files(name: str, data: np.ndarray) -> dict[str, bytes]:
     metadata = {
         "shape": list(data.shape), "data_type": data.dtype.name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        # "v2" keys ("0.0.0") keep every chunk beside the array's zarr.json: no nested folders
+        "chunk_key_encoding": {"name": "v2", "configuration": {"separator": "."}},
         "fill_value": fill, "codecs": codecs, "attributes": {}, "zarr_format": 3,
         "node_type": "array", "storage_transformers": [],
     }
     files = {f"{name}/zarr.json": json.dumps(metadata).encode()}
-    rest = "/".join("0" for _ in data.shape[1:])
+    rest = ".".join("0" for _ in data.shape[1:])
     for index, start in enumerate(range(0, data.shape[0], chunks[0])):
         block = data[start:start + chunks[0]]
         if block.shape[0] < chunks[0]:  # zarr stores edge chunks at full chunk size
             padded = np.zeros(chunks, dtype=data.dtype)
             padded[: block.shape[0]] = block
             block = padded
-        key = f"{name}/c/{index}" + (f"/{rest}" if rest else "")
+        key = f"{name}/{index}" + (f".{rest}" if rest else "")
         files[key] = block.tobytes()
     return files
 
 
 def put_files(url: str, files: Mapping[str, bytes]) -> None:
     """Write `files` ({path relative to url: bytes}) under `url`; remote writes go out together."""
-    fs, path = url_to_fs(url)
-    targets = {f"{path.rstrip('/')}/{relative}": data for relative, data in files.items()}
-    if fileio.is_local(url):
-        for target, data in targets.items():
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+    base = local_path(url)
+    if base is not None:
+        made: set[str] = set()
+        for relative, data in files.items():
+            target = os.path.join(base, relative)
+            folder = os.path.dirname(target)
+            if folder not in made:
+                os.makedirs(folder, exist_ok=True)
+                made.add(folder)
             with open(target, "wb") as handle:
                 handle.write(data)
-    else:
-        fs.pipe(targets)  # s3fs sends these concurrently
+        return
+    fs, path = url_to_fs(url)
+    fs.pipe({f"{path.rstrip('/')}/{relative}": data for relative, data in files.items()})  # concurrent on s3fs
 
 
 def put_atomic(url: str, data: bytes) -> None:
@@ -143,13 +166,14 @@ def put_atomic(url: str, data: bytes) -> None:
     and never nothing. Locally: a temporary sibling, then os.replace (atomic on one filesystem);
     on an object store: one PUT of the whole object, which stores replace atomically (no
     temporary object, so a crash leaves nothing behind)."""
-    fs, path = url_to_fs(url)
-    if fileio.is_local(url):
-        parent = os.path.dirname(path)
+    path = local_path(url)
+    if path is not None:
+        parent = os.path.dirname(path) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
         with open(tmp, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     else:
+        fs, path = url_to_fs(url)
         fs.pipe_file(path, data)

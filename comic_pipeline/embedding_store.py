@@ -82,12 +82,18 @@ def _check_root(url: str, root: dict | None) -> None:
                          "store (a backfill of contextualized_embeddings)")
 
 
-def ensure_root(url: str) -> None:
-    """Create the store's root (and its `comics` group) when missing; check the format otherwise.
+_CHECKED_ROOTS: set[str] = set()  # stores this process has created or checked
+
+
+def ensure_root(url: str, *, recheck: bool = False) -> None:
+    """Create the store's root (and its `comics` group) when missing; check the format otherwise
+    (once per process and URL unless `recheck`).
 
     Each zarr.json is written whole in one atomic step, so two processes creating the same new
     store both succeed and leave identical metadata.
     """
+    if url in _CHECKED_ROOTS and not recheck and read_json(fileio.join(url, "zarr.json")) is not None:
+        return
     root = read_json(fileio.join(url, "zarr.json"))
     if root is None:
         put_atomic(fileio.join(url, "zarr.json"), group_document(ROOT_ATTRS))
@@ -95,6 +101,7 @@ def ensure_root(url: str) -> None:
         _check_root(url, root)
     if read_json(fileio.join(url, COMICS, "zarr.json")) is None:
         put_atomic(fileio.join(url, COMICS, "zarr.json"), group_document({}))
+    _CHECKED_ROOTS.add(url)
 
 
 def _key_and_name(comic_id: str, name: str | None) -> tuple[str, str]:
@@ -204,9 +211,12 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
     files.update(array_files("panel_embeddings", panels.astype(dtype, copy=False)))
     files.update(array_files("strip_embeddings", strips.astype(dtype, copy=False)))
     files.update(array_files("panel_mask", mask))
+    pointer_url = fileio.join(comic_url, "zarr.json")
+    earlier = read_json(pointer_url)  # a rewrite leaves a version to collect later
     put_files(fileio.join(comic_url, version), files)  # the whole version, invisible until...
-    put_atomic(fileio.join(comic_url, "zarr.json"), group_document({**attrs, "current": version}))
-    collect_garbage(comic_url, grace_seconds=gc_grace_seconds)
+    put_atomic(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
+    if earlier is not None:
+        collect_garbage(comic_url, grace_seconds=gc_grace_seconds)
     return comic_url
 
 

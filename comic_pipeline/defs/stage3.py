@@ -11,6 +11,8 @@ from pydantic import Field
 
 from comic_pipeline import corpus
 from comic_pipeline.defs.resources import Stage3StoreResource, profile
+from comic_pipeline.quarantine import Quarantine
+from comic_pipeline.store import Stage3StoreError
 
 comics_partitions = dg.DynamicPartitionsDefinition(name="comics")
 
@@ -48,18 +50,42 @@ def stage3_store(
         corpus.write_demo_store(url, corpus_config)
     store = stage3.open()
     comic_ids = store.comic_ids()
+    quarantined = store.quarantined()  # layout problems: each is that comic's, never the store's
+    for bad in quarantined.values():
+        context.log.error(f"quarantined: {bad.error}")
+    for warning in store.warnings:
+        context.log.warning(f"Stage 3 store: {warning}")
     return dg.MaterializeResult(
         metadata={
             "url": dg.MetadataValue.path(url),
             "layout": store.layout,
             "demo": stage3.is_demo(),
             "comics": len(comic_ids),
+            "quarantined": len(quarantined),
+            "quarantined_comics": dg.MetadataValue.md(_quarantine_table(quarantined.values())),
+            "warnings": dg.MetadataValue.text("\n".join(store.warnings) or "none"),
             "dim": store.dim,
             "max_panels": store.max_panels,
             "modalities": ", ".join(sorted(store.modalities())),
             "seconds": round(time.perf_counter() - started, 2),
         }
     )
+
+
+def _name_of(store, comic_id: str) -> str:
+    try:
+        return store.name_of(comic_id)
+    except Stage3StoreError:  # gone from the store
+        return comic_id
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _quarantine_table(bad) -> str:
+    rows = [f"| {_md(b.name)} | `{b.comic_id}` | {_md(b.error)} |" for b in bad]
+    return ("| comic | partition key | error |\n|---|---|---|\n" + "\n".join(rows)) if rows else "none"
 
 
 @dg.asset(
@@ -70,23 +96,39 @@ def stage3_store(
     description=(
         "One comic of the Stage 3 store, validated against the input contract (shapes, dims, "
         "finite values, prefix masks, ids). Records pages, panels, modalities, dim, dtype and a "
-        "content hash. A bad comic fails here with the comic, array and problem named."
+        "content hash. A bad comic is quarantined with the comic, array and problem named (left "
+        "out of splits until it validates again); the other comics of the run go on. A run whose "
+        "comics are all bad fails."
     ),
 )
 def stage3_panel_embeddings(
     context: dg.AssetExecutionContext, stage3: Stage3StoreResource
 ) -> dg.MaterializeResult:
     store = stage3.open()
-    summaries = []
+    quarantine = Quarantine(stage3.storage.root())
+    summaries, bad = [], []
     for comic_id in context.partition_keys:
-        summary = store.comic(comic_id).validate()
+        try:
+            summary = store.comic(comic_id).validate()
+        except (Stage3StoreError, OSError) as error:
+            bad.append(quarantine.put(comic_id, _name_of(store, comic_id), str(error)))
+            context.log.error(f"quarantined {comic_id}: {error}")
+            continue
+        quarantine.clear(comic_id)
         summaries.append(summary)
         context.log.info(
-            f"{comic_id}: {summary.n_pages} pages, {summary.n_panels} panels, "
+            f"{summary.name} ({comic_id}): {summary.n_pages} pages, {summary.n_panels} panels, "
             f"{', '.join(summary.modalities)}"
+        )
+    if not summaries:
+        raise dg.Failure(
+            description="Every comic of this run failed validation:\n" + "\n".join(b.error for b in bad),
+            metadata={"quarantined_comics": dg.MetadataValue.md(_quarantine_table(bad))},
         )
     metadata: dict[str, object] = {
         "comics": len(summaries),
+        "quarantined": len(bad),
+        "quarantined_comics": dg.MetadataValue.md(_quarantine_table(bad)),
         "pages": sum(s.n_pages for s in summaries),
         "panels": sum(s.n_panels for s in summaries),
         "dim": store.dim,
@@ -95,16 +137,16 @@ def stage3_panel_embeddings(
     if len(summaries) == 1:
         (summary,) = summaries
         metadata.update(
-            modalities=", ".join(summary.modalities), dtype=summary.dtype,
+            comic=summary.name, modalities=", ".join(summary.modalities), dtype=summary.dtype,
             content_hash=summary.content_hash,
         )
     else:
         rows = "\n".join(
-            f"| {s.comic_id} | {s.n_pages} | {s.n_panels} | {', '.join(s.modalities)} | "
-            f"{s.dtype} | `{s.content_hash[:12]}` |" for s in summaries
+            f"| {_md(s.name)} | `{s.comic_id}` | {s.n_pages} | {s.n_panels} | "
+            f"{', '.join(s.modalities)} | {s.dtype} | `{s.content_hash[:12]}` |" for s in summaries
         )
         metadata["summary"] = dg.MetadataValue.md(
-            "| comic | pages | panels | modalities | dtype | content hash |\n"
-            "|---|---|---|---|---|---|\n" + rows
+            "| comic | partition key | pages | panels | modalities | dtype | content hash |\n"
+            "|---|---|---|---|---|---|---|\n" + rows
         )
     return dg.MaterializeResult(metadata=metadata)

@@ -12,6 +12,7 @@ from comic_pipeline import fileio, schema, tasks
 from comic_pipeline.defs.lineage import latest_metadata
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource
 from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
+from comic_pipeline.quarantine import Quarantine
 
 TASK_KEYS = {name: dg.AssetKey(["tasks", name]) for name in schema.TASK_NAMES}
 
@@ -35,7 +36,8 @@ def comic_splits(
 ) -> dg.MaterializeResult:
     registered = set(context.instance.get_dynamic_partitions(comics_partitions.name))
     validated = context.instance.get_materialized_partitions(stage3_panel_embeddings.key)
-    comic_ids = sorted(registered & set(validated))
+    quarantined = set(Quarantine(storage.root()).records())  # failed their last validation
+    comic_ids = sorted((registered & set(validated)) - quarantined)
     if not comic_ids:
         raise dg.Failure(
             "No validated comics: materialize stage3_panel_embeddings first (new_comics_sensor "

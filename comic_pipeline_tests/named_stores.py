@@ -1,0 +1,113 @@
+"""Stage 3 stores whose comics have names as real collections have them (issue 11): both layouts,
+~20 comics, shuffled legacy rows, natural page order, junk in every padded slot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from comic_pipeline import store
+from comic_pipeline.comic_names import comic_key
+
+# Spaces, #, parentheses, apostrophes, commas, &, non-ASCII, "/" (legacy folders), 200+ chars, and
+# names that differ only in case or punctuation.
+COMIC_NAMES = [
+    "Amazing Spider-Man (1963) #001",
+    "amazing spider-man (1963) #001",
+    "Amazing Spider-Man (1963) 001",
+    "Amazing Spider-Man (1963) #002",
+    "Tintin - L'Île noire",
+    "Tintin - L'Ile noire",
+    "Action Comics 0001, 1938",
+    "Calvin & Hobbes",
+    "Astérix le Gaulois",
+    "東京喰種 第1巻",
+    "Golden Age/Book 000 - Issue #1",
+    "Golden Age/Book 000 - Issue #10",
+    "Batman: Year One",
+    "Spider-Man's Day Off",
+    "Les Aventures de Spirou & Fantasio, tome 1 (Dupuis)",
+    "Captain Marvel Adventures #" + "very long subtitle " * 11,  # 200+ characters
+    "Dragon Ball – 第1巻 «Son Goku»",
+    "x-men-001",
+    "X-Men 001",
+    "Y̆ & Z",
+]
+PADDING_JUNK = 77.0
+
+
+@dataclass
+class NamedStore:
+    url: str
+    metadata_url: str | None  # legacy only
+    pages: dict[str, list[str]] = field(default_factory=dict)  # name -> page ids, reading order
+    panels: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (pages,) valid panels
+    fused: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (pages, P, D), padding 0
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.pages)
+
+    def keys(self) -> dict[str, str]:
+        return {comic_key(name): name for name in self.pages}
+
+
+def _comic(rng, name: str, max_panels: int, dim: int):
+    n_pages = int(rng.integers(2, 12))
+    # page file names whose natural order differs from their string order (page_2 < page_10)
+    page_ids = [f"{name}/page_{n}.jpg" for n in range(1, n_pages + 1)]
+    panels = rng.integers(1, max_panels + 1, size=n_pages)
+    mask = np.arange(max_panels)[None, :] < panels[:, None]  # (pages, P)
+    fused = rng.normal(size=(n_pages, max_panels, dim)).astype(np.float32)
+    fused[~mask] = 0.0
+    return page_ids, panels, mask, fused
+
+
+def legacy_named_store(tmp_path, *, names=COMIC_NAMES, max_panels=6, dim=16, seed=0) -> NamedStore:
+    """The layout of the original Stage 3 scripts: flat arrays, rows shuffled across comics, junk
+    in padded slots, a JSON list of records in shuffled order."""
+    rng = np.random.default_rng(seed)
+    named = NamedStore(str(tmp_path / f"legacy-named-{seed}.zarr"), str(tmp_path / f"legacy-named-{seed}.json"))
+    for name in names:
+        page_ids, panels, _, fused = _comic(rng, name, max_panels, dim)
+        named.pages[name], named.panels[name], named.fused[name] = page_ids, panels, fused
+    n_rows = sum(len(p) for p in named.pages.values()) + 5  # a few rows belong to nobody
+    rows = iter(rng.permutation(n_rows))
+    embeddings = rng.normal(size=(n_rows, max_panels, dim)).astype(np.float32) + PADDING_JUNK
+    masks = np.zeros((n_rows, max_panels), np.uint8)
+    records = []
+    for name in names:
+        for page, page_id in enumerate(named.pages[name]):
+            row = int(next(rows))
+            valid = np.arange(max_panels) < named.panels[name][page]
+            embeddings[row][valid] = named.fused[name][page][valid]
+            masks[row] = valid
+            records.append({"sequence_index": row, "canonical_id": page_id,
+                            "num_panels": int(named.panels[name][page]), "width": 1000})
+    root = zarr.open_group(named.url, mode="w", zarr_format=2)
+    root.create_array("panel_embeddings", data=embeddings, chunks=(16, max_panels, dim))
+    root.create_array("panel_masks", data=masks, chunks=(16, max_panels))
+    with open(named.metadata_url, "w") as handle:
+        json.dump([records[i] for i in rng.permutation(len(records))], handle)
+    return named
+
+
+def native_named_store(tmp_path, *, names=COMIC_NAMES, max_panels=6, dim=16, seed=0,
+                       modalities_of=None) -> NamedStore:
+    """The native layout written with the store writer; modalities_of(name) -> extra arrays."""
+    rng = np.random.default_rng(seed)
+    named = NamedStore(str(tmp_path / f"native-named-{seed}.zarr"), None)
+    store.create_native_store(named.url, dim=dim, max_panels=max_panels)
+    for name in names:
+        page_ids, panels, mask, fused = _comic(rng, name, max_panels, dim)
+        named.pages[name], named.panels[name], named.fused[name] = page_ids, panels, fused
+        stored = fused.copy()
+        stored[~mask] = PADDING_JUNK
+        arrays = {"panel_embeddings": stored, "panel_mask": mask}
+        if modalities_of is not None:
+            arrays.update(modalities_of(name, mask, rng))
+        store.write_native_comic(named.url, name, page_ids=page_ids, title=name.upper(), arrays=arrays)
+    return named
