@@ -10,9 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from comic_pipeline import corpus
+from comic_pipeline.defs.keys import STAGE3_PANEL_EMBEDDINGS, STAGE3_STORE, comics_partitions
 from comic_pipeline.defs.resources import Stage3StoreResource, profile
-
-comics_partitions = dg.DynamicPartitionsDefinition(name="comics")
+from comic_pipeline.store import Stage3StoreError
 
 
 class DemoCorpusConfig(dg.Config):
@@ -22,11 +22,13 @@ class DemoCorpusConfig(dg.Config):
 
 
 @dg.asset(
+    key=STAGE3_STORE,
     group_name="stage3",
     description=(
         "The Stage 3 embedding store. When no store is configured (COMIC_STAGE3_STORE or the "
         "stage3 resource's url), this writes the synthetic demo corpus into the home folder; with "
-        "a configured store it opens it, detects its layout and records what it holds."
+        "a configured store it opens it, detects its layout and records what it holds. On a fresh "
+        "home, start here: new_comics_sensor then turns its comics into partitions."
     ),
 )
 def stage3_store(
@@ -61,48 +63,50 @@ def stage3_store(
 
 
 @dg.asset(
+    key=STAGE3_PANEL_EMBEDDINGS,
     group_name="stage3",
     partitions_def=comics_partitions,
-    deps=[stage3_store],
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    deps=[STAGE3_STORE],
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=200),
+    output_required=False,  # one materialization per valid comic, each with its own metadata
     description=(
         "One comic of the Stage 3 store, validated against the input contract (shapes, dims, "
         "finite values, prefix masks, ids). Records pages, panels, modalities, dim, dtype and a "
-        "content hash. A bad comic fails here with the comic, array and problem named."
+        "content hash per comic. A run over many comics validates each on its own: every valid "
+        "comic is materialized, and the run then fails naming each bad comic, array and problem. "
+        "No partitions yet (a fresh home)? Materialize stage3_store: within 30 s new_comics_sensor "
+        "adds one partition per comic and validates them all in one run; then Materialize all -> "
+        "All partitions."
     ),
 )
-def stage3_panel_embeddings(
-    context: dg.AssetExecutionContext, stage3: Stage3StoreResource
-) -> dg.MaterializeResult:
+def stage3_panel_embeddings(context: dg.AssetExecutionContext, stage3: Stage3StoreResource):
     store = stage3.open()
-    summaries = []
+    errors: dict[str, str] = {}
     for comic_id in context.partition_keys:
-        summary = store.comic(comic_id).validate()
-        summaries.append(summary)
-        context.log.info(
-            f"{comic_id}: {summary.n_pages} pages, {summary.n_panels} panels, "
-            f"{', '.join(summary.modalities)}"
+        try:
+            summary = store.comic(comic_id).validate()
+        except Stage3StoreError as error:  # one bad comic never blocks the others
+            errors[comic_id] = str(error)
+            context.log.error(str(error))
+            continue
+        context.log.info(f"{comic_id}: {summary.n_pages} pages, {summary.n_panels} panels, "
+                         f"{', '.join(summary.modalities)}")
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key, partition=comic_id,
+            metadata={
+                "pages": summary.n_pages,
+                "panels": summary.n_panels,
+                "modalities": ", ".join(summary.modalities),
+                "dim": store.dim,
+                "dtype": summary.dtype,
+                "content_hash": summary.content_hash,
+                "store": dg.MetadataValue.path(stage3.store_url()),
+            },
         )
-    metadata: dict[str, object] = {
-        "comics": len(summaries),
-        "pages": sum(s.n_pages for s in summaries),
-        "panels": sum(s.n_panels for s in summaries),
-        "dim": store.dim,
-        "store": dg.MetadataValue.path(stage3.store_url()),
-    }
-    if len(summaries) == 1:
-        (summary,) = summaries
-        metadata.update(
-            modalities=", ".join(summary.modalities), dtype=summary.dtype,
-            content_hash=summary.content_hash,
+    if errors:
+        raise dg.Failure(
+            description=f"{len(errors)} of {len(context.partition_keys)} comics failed validation "
+            "(the others are validated): " + "; ".join(errors.values()),
+            metadata={"failed_comics": dg.MetadataValue.md(
+                "\n".join(f"- `{comic}`: {error}" for comic, error in errors.items()))},
         )
-    else:
-        rows = "\n".join(
-            f"| {s.comic_id} | {s.n_pages} | {s.n_panels} | {', '.join(s.modalities)} | "
-            f"{s.dtype} | `{s.content_hash[:12]}` |" for s in summaries
-        )
-        metadata["summary"] = dg.MetadataValue.md(
-            "| comic | pages | panels | modalities | dtype | content hash |\n"
-            "|---|---|---|---|---|---|\n" + rows
-        )
-    return dg.MaterializeResult(metadata=metadata)
