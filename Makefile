@@ -6,7 +6,7 @@ export COMIC_PIPELINE_HOME ?= $(CURDIR)/.comic_pipeline
 export DAGSTER_HOME := $(COMIC_PIPELINE_HOME)/dagster
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test dev bench clean home
+.PHONY: install demo test dev mlflow bench clean home
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,15 @@ demo: install home
 test: install
 	$(PY) -m pytest
 
+# `make dev PORT=3101`; runs link to the MLflow UI that `make mlflow` serves on MLFLOW_PORT.
+PORT ?= 3000
+MLFLOW_PORT ?= 5000
 dev: install home
-	$(VENV)/bin/dagster dev -w workspace.yaml
+	COMIC_MLFLOW_UI_URL=$${COMIC_MLFLOW_UI_URL:-http://127.0.0.1:$(MLFLOW_PORT)} $(VENV)/bin/dagster dev -w workspace.yaml -p $(PORT)
+
+mlflow: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui -h 127.0.0.1 -p $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(COMIC_PIPELINE_HOME)/mlflow.db
 
 bench: install
 	for script in benchmarks/bench_*.py; do $(PY) $$script || exit 1; done

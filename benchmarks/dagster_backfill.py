@@ -78,6 +78,20 @@ def register_champion(tracking, stage3_url: str, preset: str = "demo", seed: int
     return version
 
 
+def record_champion_ref(pipeline_resources: dict, version: str) -> None:
+    """What champion_model hands contextualized_embeddings (a ModelRef), stored by the pipeline's
+    IO manager as if champion_model had promoted `version`."""
+    import dagster as dg
+
+    from comic_pipeline.defs.keys import CHAMPION_MODEL
+    from comic_pipeline.defs.refs import ModelRef
+
+    tracking = pipeline_resources["mlflow_tracking"].tracking()
+    ref = ModelRef(name=tracking.registered_model_name, version=version, run_id=tracking.run_id_of(version),
+                   uri=f"models:/{tracking.registered_model_name}/{version}", datasets={})
+    pipeline_resources["io_manager"].handle_output(dg.build_output_context(asset_key=CHAMPION_MODEL), ref)
+
+
 def build_resources(home: str, stage3_url: str | None, out_url: str) -> dict:
     """The pipeline's resources over `home`, reading stage3_url (None: the home's demo store) and
     writing the contextualized store at out_url."""
@@ -154,7 +168,8 @@ def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]
 
     with tempfile.TemporaryDirectory(prefix="bench_dagster_home_") as home:
         pipeline_resources = build_resources(home, stage3_url, out_url)
-        register_champion(pipeline_resources["mlflow_tracking"].tracking(), stage3_url)
+        version = register_champion(pipeline_resources["mlflow_tracking"].tracking(), stage3_url)
+        record_champion_ref(pipeline_resources, version)
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("comics", list(comic_ids))
             return time_dagster_run(instance, pipeline_resources, list(comic_ids), batch_pages=None)[0]
@@ -193,6 +208,7 @@ def main() -> None:
         pipeline_resources = build_resources(home, None, home_module.contextualized_store_url(home))
         tracking = pipeline_resources["mlflow_tracking"].tracking()
         version = register_champion(tracking, stage3_url)
+        record_champion_ref(pipeline_resources, version)
         setup["champion"] = time.perf_counter() - t0
 
         from comic_pipeline.store import Stage3Store

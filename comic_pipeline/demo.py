@@ -13,14 +13,18 @@ import time
 
 import dagster as dg
 
+from comic_pipeline import home
+from comic_pipeline.definitions import defs as load_defs
+from comic_pipeline.defs.keys import comics_partitions
+from comic_pipeline.defs.report import summary_table
+
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 
 
 def graph_definitions(defs: dg.Definitions) -> list:
-    """Assets and checks of `defs`, once each (the defs folder loader sees re-imports twice)."""
-    unique = {id(d): d for d in [*(defs.assets or []), *(defs.asset_checks or [])]}
-    return list(unique.values())
+    """Every asset and check of `defs` (each defined once: asset files never import each other)."""
+    return [*(defs.assets or []), *(defs.asset_checks or [])]
 
 
 def _materialize(defs: dg.Definitions, selection, instance, label: str, tags=None) -> bool:
@@ -43,9 +47,6 @@ def _partition_range(comic_ids: list[str]) -> dict[str, str]:
 
 
 def run_demo(instance: dg.DagsterInstance) -> int:
-    from comic_pipeline.defs.stage3 import comics_partitions
-    from comic_pipeline.definitions import defs as load_defs
-
     defs = load_defs()
     if not _materialize(defs, ["stage3_store"], instance, "stage3_store (demo corpus)"):
         return 1
@@ -69,16 +70,12 @@ def run_demo(instance: dg.DagsterInstance) -> int:
         f"contextualized_embeddings ({len(partition_keys)} comics)",
         tags=_partition_range(partition_keys),
     )
-    from comic_pipeline.defs.report import summary_table
-
-    print(summary_table(instance))
+    print(summary_table(instance, defs.resources["io_manager"]))
     return 0 if trained and embedded else 1
 
 
 def main() -> int:
     if not os.environ.get("DAGSTER_HOME"):
-        from comic_pipeline import home
-
         os.environ["DAGSTER_HOME"] = os.path.join(home.default_home(), "dagster")
     os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
     with dg.DagsterInstance.get() as instance:

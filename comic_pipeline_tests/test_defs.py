@@ -1,5 +1,6 @@
-"""The real definitions load, validate, and hold what the design promises."""
+"""The real definitions load, validate, and hold what the design promises (DESIGN §1, §2)."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -8,8 +9,14 @@ import dagster as dg
 
 from comic_pipeline import schema
 from comic_pipeline.definitions import defs
+from comic_pipeline.defs.keys import (
+    CHAMPION_MODEL, CONTEXTUALIZED_EMBEDDINGS, EVALUATION_KEYS, EVALUATION_SUMMARY, SEQUENCE_MODEL, TASK_KEYS,
+)
 
 CHECKOUT = Path(__file__).resolve().parent.parent
+DEFS = CHECKOUT / "comic_pipeline" / "defs"
+# Modules of defs/ that define assets: siblings that never import each other.
+ASSET_FILES = {"stage3", "tasks", "training", "evaluation", "champion", "embeddings"}
 
 
 def test_definitions_load_with_every_asset_group_and_automation():
@@ -22,7 +29,48 @@ def test_definitions_load_with_every_asset_group_and_automation():
     assert expected <= keys
     assert definitions.get_sensor_def("new_comics_sensor")
     assert definitions.get_schedule_def("weekly_retraining")
-    assert set(definitions.resources) == {"storage", "stage3", "torch_device", "mlflow_tracking"}
+    assert set(definitions.resources) == {"io_manager", "storage", "stage3", "torch_device", "mlflow_tracking"}
+
+
+def test_each_definition_is_defined_once():
+    definitions = defs()
+    assets = [*(definitions.assets or []), *(definitions.asset_checks or [])]
+    assert len({id(a) for a in assets}) == len(assets)
+
+
+def test_downstream_assets_receive_their_upstream_as_typed_inputs():
+    graph = defs().get_repository_def().asset_graph
+    node_of = {key: graph.get(key).assets_def for key in graph.get_all_asset_keys()}
+
+    def input_keys(key):
+        return set(node_of[key].keys_by_input_name.values())
+
+    assert set(TASK_KEYS.values()) <= input_keys(SEQUENCE_MODEL)
+    for key in EVALUATION_KEYS.values():
+        assert SEQUENCE_MODEL in input_keys(key), key
+    assert {SEQUENCE_MODEL, EVALUATION_SUMMARY} <= input_keys(CHAMPION_MODEL)
+    assert CHAMPION_MODEL in input_keys(CONTEXTUALIZED_EMBEDDINGS)
+
+
+def _project_imports(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("comic_pipeline"):
+            yield node, node.module, [alias.name for alias in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("comic_pipeline"):
+                    yield node, alias.name, []
+
+
+def test_no_asset_file_imports_another_and_no_function_local_project_imports():
+    for path in sorted(DEFS.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
+        for node, module, names in _project_imports(tree):
+            assert id(node) in top_level, f"{path.name}:{node.lineno}: function-local import of {module}"
+            if path.stem in ASSET_FILES:
+                imported = {module.rsplit(".", 1)[-1], *names} if module.startswith("comic_pipeline.defs") else set()
+                assert not imported & (ASSET_FILES - {path.stem}), f"{path.name} imports asset file {module}"
 
 
 def test_every_definition_has_a_description_and_a_group():

@@ -6,10 +6,13 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import embedding_pipeline, embedding_store, training
-from comic_pipeline.defs.evaluation import champion_model
+from comic_pipeline import embedding_pipeline, embedding_store, fileio, inference
+from comic_pipeline.defs.keys import (
+    CHAMPION_MODEL, CONTEXTUALIZED_EMBEDDINGS, STAGE3_PANEL_EMBEDDINGS, STALE_EMBEDDINGS_CHECK,
+    comics_partitions,
+)
+from comic_pipeline.defs.refs import ModelRef
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
-from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
 
 
 class EmbeddingConfig(dg.Config):
@@ -17,14 +20,16 @@ class EmbeddingConfig(dg.Config):
 
 
 @dg.asset(
+    key=CONTEXTUALIZED_EMBEDDINGS,
     group_name="embeddings",
     partitions_def=comics_partitions,
-    deps=[stage3_panel_embeddings, champion_model],
+    deps=[STAGE3_PANEL_EMBEDDINGS],
+    ins={"champion": dg.AssetIn(CHAMPION_MODEL)},
     pool="gpu",
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
     description=(
         "Per comic: contextualized panel embeddings and strip (page) embeddings from the "
-        "champion model (resolved through the MLflow alias at run time), written atomically to "
+        "champion model (the version champion_model last promoted), written atomically to "
         "the contextualized zarr and stamped with the model version. A backfill batches many "
         "comics per run; their pages share model batches."
     ),
@@ -36,17 +41,12 @@ def contextualized_embeddings(
     storage: PipelineStorage,
     torch_device: TorchDevice,
     mlflow_tracking: MLflowTracking,
+    champion: ModelRef,
 ) -> dg.MaterializeResult:
     tracking = mlflow_tracking.tracking()
-    version = tracking.champion_version()
-    if version is None:
-        raise dg.Failure(
-            "There is no champion model yet: materialize sequence_model, the evaluation assets and "
-            "champion_model first (the champion alias moves only when the quality gates pass)."
-        )
+    version, run_id = champion.version, champion.run_id
     device = torch_device.configure()
     model = tracking.load_model(version)
-    run_id = tracking.run_id_of(version)
     store = stage3.open()
     url = storage.contextualized_url()
     comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in context.partition_keys]
@@ -54,8 +54,8 @@ def contextualized_embeddings(
     progress = _Progress(context, total=len(comics))
     written = embedding_pipeline.embed_and_write(
         url, comics,
-        encode=lambda features: training.embed_pages(model, features, device=device),
-        batch_pages=config.batch_pages, model_name=tracking.registered_model_name,
+        encode=lambda features: inference.embed_pages(model, features, device=device),
+        batch_pages=config.batch_pages, model_name=champion.name,
         model_version=version, mlflow_run_id=run_id,
         on_comic_written=progress.comic_written,
     )
@@ -91,32 +91,35 @@ class _Progress:
 
 
 @dg.asset_check(
-    asset=contextualized_embeddings,
-    additional_deps=[champion_model],
+    asset=CONTEXTUALIZED_EMBEDDINGS,
+    name=STALE_EMBEDDINGS_CHECK,
+    additional_ins={"champion": dg.AssetIn(CHAMPION_MODEL)},
+    automation_condition=dg.AutomationCondition.any_deps_updated(),
     description=(
         "Warns with the list of comics whose embeddings were made by a model version that is no "
-        "longer the champion. Re-embed them with one backfill of contextualized_embeddings over "
-        "the listed partitions (the UI marks them stale too)."
+        "longer the champion. Runs by itself whenever champion_model moves (from any path: the "
+        "asset page, retraining_job, the schedule) and after every embedding run. Re-embed the "
+        "listed comics with one backfill of contextualized_embeddings over their partitions."
     ),
 )
 def embeddings_made_by_champion(
-    context: dg.AssetCheckExecutionContext, storage: PipelineStorage, mlflow_tracking: MLflowTracking
+    context: dg.AssetCheckExecutionContext, storage: PipelineStorage, champion: ModelRef
 ) -> dg.AssetCheckResult:
-    champion = mlflow_tracking.tracking().champion_version()
     url = storage.contextualized_url()
-    from comic_pipeline import fileio
-
-    if champion is None or not fileio.exists(url):
+    if not fileio.exists(url):
         return dg.AssetCheckResult(
             passed=True, severity=dg.AssetCheckSeverity.WARN,
-            metadata={"note": "no champion or no embeddings yet"},
+            metadata={"champion": champion.version, "note": "no embeddings yet"},
         )
-    stale = embedding_store.ContextualizedStore.open(url).stale_comics(champion)
+    stale = embedding_store.ContextualizedStore.open(url).stale_comics(champion.version)
     return dg.AssetCheckResult(
         passed=not stale,
         severity=dg.AssetCheckSeverity.WARN,
+        description=(f"{len(stale)} comics have embeddings of an older model than champion "
+                     f"{champion.version}: backfill contextualized_embeddings over them."
+                     if stale else f"Every comic's embeddings were made by champion {champion.version}."),
         metadata={
-            "champion": champion,
+            "champion": champion.version,
             "stale_comics": len(stale),
             "backfill_partitions": dg.MetadataValue.text(", ".join(stale) if stale else "none"),
         },

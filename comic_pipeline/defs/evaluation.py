@@ -1,42 +1,39 @@
-"""Test-split evaluation of the model that `sequence_model` produced, the quality gates, and the
-`champion` alias that only moves when every blocking gate passed."""
+"""Test-split evaluation of exactly the model and datasets a `ModelRef` names, and the quality
+gates (asset checks of every evaluation/<task>). The champion alias moves in champion.py."""
 
 
+import math
 import tempfile
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import evaluation, schema
-from comic_pipeline.defs.lineage import latest_metadata
-from comic_pipeline.defs.resources import MLflowTracking, Stage3StoreResource, TorchDevice
-from comic_pipeline.defs.tasks import TASK_KEYS, load_task_datasets
-from comic_pipeline.defs.training import sequence_model
+from comic_pipeline import evaluation
+from comic_pipeline.defs.datasets import load_task_datasets
+from comic_pipeline.defs.keys import (
+    BLOCKING_GATES, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_GATE, SEQUENCE_MODEL,
+)
+from comic_pipeline.defs.refs import EvaluationReport, ModelRef, TaskReport
+from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
 
-EVALUATION_KEYS = {name: dg.AssetKey(["evaluation", name]) for name in schema.TASK_NAMES}
-SUMMARY_KEY = dg.AssetKey(["evaluation", "summary"])
 REGRESSION_TOLERANCE = 0.02  # the WARN gate: at most 2 points below the champion
+GATE_DESCRIPTIONS = {
+    "beats_chance": "Blocking: the lower end of the 95% interval of test accuracy is above chance.",
+    "beats_shortcuts": "Blocking: test accuracy is above the best label-free shortcut heuristic.",
+}
 
 
 def _check_specs() -> list[dg.AssetCheckSpec]:
     specs = []
-    for name, key in EVALUATION_KEYS.items():
-        specs += [
-            dg.AssetCheckSpec(
-                "beats_chance", asset=key, blocking=True,
-                description="Blocking: the lower end of the 95% interval of test accuracy is above chance.",
-            ),
-            dg.AssetCheckSpec(
-                "beats_shortcuts", asset=key, blocking=True,
-                description="Blocking: test accuracy is above the best label-free shortcut heuristic.",
-            ),
-            dg.AssetCheckSpec(
-                "no_regression_vs_champion", asset=key,
-                description="Warns when test accuracy is more than 2 points below the current "
-                "champion's figure.",
-            ),
-        ]
+    for key in EVALUATION_KEYS.values():
+        specs += [dg.AssetCheckSpec(gate, asset=key, blocking=True, description=GATE_DESCRIPTIONS[gate])
+                  for gate in BLOCKING_GATES]
+        specs.append(dg.AssetCheckSpec(
+            REGRESSION_GATE, asset=key,
+            description="Warns when test accuracy is more than 2 points below the current "
+            "champion's figure (champion_model blocks the promotion itself).",
+        ))
     return specs
 
 
@@ -46,25 +43,30 @@ class EvaluationConfig(dg.Config):
 
 
 @dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            key, group_name="evaluation", deps=[sequence_model, TASK_KEYS[name]],
-            description=f"Test-split metrics of {name} for the latest sequence_model version: "
-            "accuracy with a 95% Wilson interval beside chance and the best shortcut "
-            "heuristic" + (" (accuracy = per-page pairwise order accuracy; plus Kendall's tau and "
-                           "exact match)"
-                           if name == "reading_order" else "") + "; logged to the model's MLflow run.",
+    outs={
+        name: dg.AssetOut(
+            key=key, group_name="evaluation", is_required=False,
+            description=f"Test-split metrics of {name} for the sequence_model version it receives, "
+            "on exactly the dataset that version trained on (named in its ModelRef): accuracy with "
+            "a 95% interval beside chance and the best shortcut heuristic"
+            + (" (accuracy = per-page pairwise order accuracy; plus Kendall's tau and exact match)"
+               if name == "reading_order" else "") + "; logged to the model's MLflow run.",
         )
         for name, key in EVALUATION_KEYS.items()
-    ]
-    + [
-        dg.AssetSpec(
-            SUMMARY_KEY, group_name="evaluation", deps=[sequence_model, *EVALUATION_KEYS.values()],
-            description="One table of every task's test metrics beside chance and shortcuts, a "
-            "per-task accuracy chart, the training curves and the strip-embedding retrieval "
-            "metrics; all also logged to the model's MLflow run.",
+    } | {
+        "summary": dg.AssetOut(
+            key=EVALUATION_SUMMARY, group_name="evaluation", is_required=False,
+            description="The evaluation report champion_model decides on: every task's test "
+            "metrics and gate outcomes beside chance and shortcuts, a per-task accuracy chart, the "
+            "training curves and the strip-embedding retrieval metrics; all also logged to the "
+            "model's MLflow run.",
         )
-    ],
+    },
+    ins={"model_ref": dg.AssetIn(SEQUENCE_MODEL)},
+    internal_asset_deps={
+        **{name: {SEQUENCE_MODEL} for name in EVALUATION_KEYS},
+        "summary": {SEQUENCE_MODEL, *EVALUATION_KEYS.values()},
+    },
     check_specs=_check_specs(),
     can_subset=True,
 )
@@ -72,36 +74,43 @@ def evaluation_assets(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
     stage3: Stage3StoreResource,
+    storage: PipelineStorage,
     torch_device: TorchDevice,
     mlflow_tracking: MLflowTracking,
+    model_ref: ModelRef,
 ):
     tracking = mlflow_tracking.tracking()
     device = torch_device.configure()
-    model_metadata = latest_metadata(context.instance, sequence_model.key)
-    version, run_id = str(model_metadata["model_version"]), str(model_metadata["mlflow_run_id"])
+    version, run_id = model_ref.version, model_ref.run_id
     model = tracking.load_model(version)
     champion = tracking.champion_version()
     champion_metrics = (
         tracking.client().get_run(tracking.run_id_of(champion)).data.metrics
         if champion and champion != version else {}
     )
-    datasets, skipped = load_task_datasets(context.instance)
+    datasets, skipped = load_task_datasets(storage, model_ref.datasets)
+    if not datasets:
+        raise dg.Failure(f"Model version {version} trained on no dataset (skipped: {skipped}).")
     comic_ids = list(dict.fromkeys(next(iter(datasets.values())).comic_ids))
     features = stage3.open().load_features(comic_ids)
+    want_summary = EVALUATION_SUMMARY in context.selected_asset_keys
 
     results: dict[str, evaluation.TaskEvaluation] = {}
+    reports: dict[str, TaskReport] = {}
     for name, key in EVALUATION_KEYS.items():
-        if key not in context.selected_asset_keys and SUMMARY_KEY not in context.selected_asset_keys:
+        selected = key in context.selected_asset_keys
+        if not (selected or want_summary):
             continue
+        fingerprint = model_ref.datasets[name].fingerprint
         if name in skipped:
-            if key in context.selected_asset_keys:
-                yield dg.MaterializeResult(asset_key=key, metadata={"skipped": skipped[name],
-                                                                     "model_version": version})
-                for check in ("beats_chance", "beats_shortcuts", "no_regression_vs_champion"):
-                    yield dg.AssetCheckResult(
-                        asset_key=key, check_name=check, passed=True,
-                        metadata={"skipped": skipped[name]},
-                    )
+            reports[name] = TaskReport(task=name, model_version=version, dataset_fingerprint=None,
+                                       skipped=skipped[name])
+            if selected:
+                yield dg.Output(reports[name], output_name=name,
+                                metadata={"skipped": skipped[name], "model_version": version})
+                for check in (*BLOCKING_GATES, REGRESSION_GATE):
+                    yield dg.AssetCheckResult(asset_key=key, check_name=check, passed=True,
+                                              metadata={"skipped": skipped[name]})
             continue
         result = evaluation.evaluate_task(
             model, datasets[name], features, split="test", device=device,
@@ -109,19 +118,25 @@ def evaluation_assets(
         )
         results[name] = result
         tracking.log_metrics(run_id, {f"test_{name}_{k}": v for k, v in result.metrics.items()})
-        if key not in context.selected_asset_keys:
-            continue
-        yield dg.MaterializeResult(
-            asset_key=key, metadata={**result.metadata(), "model_version": version}
+        checks = list(_gates(key, result, champion, champion_metrics.get(f"test_{name}_accuracy")))
+        reports[name] = TaskReport(
+            task=name, model_version=version, dataset_fingerprint=fingerprint,
+            metrics={k: float(v) for k, v in result.metrics.items()},
+            gates={check.check_name: bool(check.passed) for check in checks
+                   if check.check_name in BLOCKING_GATES},
         )
-        yield from _gates(key, result, champion, champion_metrics.get(f"test_{name}_accuracy"))
+        if selected:
+            yield dg.Output(reports[name], output_name=name, metadata={
+                **result.metadata(), "model_version": version, "dataset_fingerprint": fingerprint})
+            yield from checks
 
-    if SUMMARY_KEY in context.selected_asset_keys:
-        yield _summary(context, tracking, run_id, version, model, results, skipped, features,
-                       datasets, device, config.seed)
+    if want_summary:
+        report = EvaluationReport(model=model_ref, tasks=reports)
+        yield _summary(context, tracking, report, model, results, skipped, features, datasets,
+                       device, config.seed)
 
 
-def _gates(key, result: "evaluation.TaskEvaluation", champion, champion_accuracy):
+def _gates(key, result: evaluation.TaskEvaluation, champion, champion_accuracy):
     m = result.metrics
     yield dg.AssetCheckResult(
         asset_key=key, check_name="beats_chance", passed=bool(m["accuracy_ci_low"] > m["chance"]),
@@ -133,24 +148,25 @@ def _gates(key, result: "evaluation.TaskEvaluation", champion, champion_accuracy
         metadata={"accuracy": m["accuracy"], "best_shortcut": m["best_shortcut"],
                   "best_shortcut_name": result.best_shortcut_name},
     )
-    if champion_accuracy is None:
+    if champion_accuracy is None or math.isnan(float(champion_accuracy)):
         yield dg.AssetCheckResult(
-            asset_key=key, check_name="no_regression_vs_champion", passed=True,
+            asset_key=key, check_name=REGRESSION_GATE, passed=True,
             severity=dg.AssetCheckSeverity.WARN,
             metadata={"champion": champion or "none", "note": "no champion figure to compare"},
         )
     else:
         drop = float(champion_accuracy) - m["accuracy"]
         yield dg.AssetCheckResult(
-            asset_key=key, check_name="no_regression_vs_champion",
+            asset_key=key, check_name=REGRESSION_GATE,
             passed=bool(drop <= REGRESSION_TOLERANCE), severity=dg.AssetCheckSeverity.WARN,
             metadata={"champion": champion, "champion_accuracy": float(champion_accuracy),
                       "accuracy": m["accuracy"], "drop": round(drop, 4)},
         )
 
 
-def _summary(context, tracking, run_id, version, model, results, skipped, features, datasets,
-             device, seed) -> dg.MaterializeResult:
+def _summary(context, tracking, report: EvaluationReport, model, results, skipped, features,
+             datasets, device, seed) -> dg.Output:
+    run_id, version = report.model.run_id, report.model.version
     test_rows = evaluation.test_page_rows(datasets)
     strips = evaluation.evaluate_strips(model, features, test_rows, device=device, seed=seed)
     tracking.log_metrics(run_id, {f"test_strip_{k}": v for k, v in strips.items()})
@@ -159,19 +175,24 @@ def _summary(context, tracking, run_id, version, model, results, skipped, featur
     with tempfile.TemporaryDirectory() as folder:
         chart = Path(folder) / "test_accuracy.png"
         curves = Path(folder) / "training_curves.png"
-        report = Path(folder) / "summary.md"
+        markdown = Path(folder) / "summary.md"
         evaluation.plot_accuracy(results, chart)
         evaluation.plot_training_curves(history, curves)
-        report.write_text(table)
-        for path in (chart, curves, report):
+        markdown.write_text(table)
+        for path in (chart, curves, markdown):
             tracking.log_artifact(run_id, str(path), "evaluation")
         images = "\n\n".join(
             f"![{p.stem}](data:image/png;base64,{evaluation.base64_png(p)})" for p in (chart, curves)
         )
     context.log.info("\n" + table)
-    return dg.MaterializeResult(
-        asset_key=SUMMARY_KEY,
+    report = EvaluationReport(model=report.model, tasks=report.tasks,
+                              strip={k: float(v) for k, v in strips.items()})
+    failed = report.problems_for(report.model, BLOCKING_GATES)
+    return dg.Output(
+        report,
+        output_name="summary",
         metadata={
+            "blocking_gates": "all passed" if not failed else "FAILED: " + "; ".join(failed),
             "summary": dg.MetadataValue.md(table + "\n\n" + images),
             "model_version": version,
             "mlflow_run_id": run_id,
@@ -179,68 +200,3 @@ def _summary(context, tracking, run_id, version, model, results, skipped, featur
             **{f"strip_{k}": float(v) for k, v in strips.items()},
         },
     )
-
-
-@dg.asset(
-    group_name="evaluation",
-    deps=[*EVALUATION_KEYS.values(), SUMMARY_KEY],
-    description=(
-        "Moves the MLflow registry alias `champion` to the evaluated model version. Runs only when "
-        "every blocking quality gate of the evaluation passed (a failed gate stops it)."
-    ),
-)
-def champion_model(
-    context: dg.AssetExecutionContext, mlflow_tracking: MLflowTracking
-) -> dg.MaterializeResult:
-    tracking = mlflow_tracking.tracking()
-    version = str(latest_metadata(context.instance, sequence_model.key)["model_version"])
-    evaluated = {
-        str(latest_metadata(context.instance, key).get("model_version")) for key in EVALUATION_KEYS.values()
-    }
-    if evaluated != {version}:
-        raise dg.Failure(
-            f"The evaluation assets describe model version(s) {sorted(evaluated)}, not the latest "
-            f"sequence_model version {version}: materialize evaluation first."
-        )
-    failed = _failed_blocking_gates(context.instance)
-    if failed:
-        raise dg.Failure(
-            f"Model version {version} did not pass its blocking gates ({', '.join(failed)}); the "
-            "champion stays where it is."
-        )
-    previous = tracking.champion_version()
-    tracking.set_champion(version)
-    context.log.info(f"champion: version {previous} -> {version}")
-    return dg.MaterializeResult(
-        metadata={"model_version": version, "previous_champion": previous or "none",
-                  "model_uri": f"models:/{tracking.registered_model_name}@champion"},
-        data_version=dg.DataVersion(version),
-    )
-
-
-BLOCKING_CHECKS = ("beats_chance", "beats_shortcuts")
-
-
-def _failed_blocking_gates(instance: dg.DagsterInstance) -> list[str]:
-    """Blocking checks that did not pass on the latest evaluation of each task.
-
-    The gate also stops champion_model when someone materializes it on its own after a failed
-    evaluation: every blocking check must have succeeded in the run that made the evaluation.
-    """
-    failed = []
-    for key in EVALUATION_KEYS.values():
-        record = instance.get_latest_materialization_event(key)
-        if record is None:
-            failed.append(f"{key.to_user_string()} not evaluated")
-            continue
-        check_keys = [dg.AssetCheckKey(key, name) for name in BLOCKING_CHECKS]
-        latest = instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
-        for check_key in check_keys:
-            execution = latest.get(check_key)
-            if (
-                execution is None
-                or execution.run_id != record.run_id
-                or execution.status.value != "SUCCEEDED"
-            ):
-                failed.append(f"{key.to_user_string()}:{check_key.name}")
-    return failed

@@ -1,18 +1,24 @@
-"""Resources (each defined once) and the executor. Immutable: configuration in, handles out."""
+"""Resources (each defined once), the one IO manager, and the executor. Immutable: configuration
+in, handles out."""
 
 
 import os
+import urllib.parse
 from typing import Optional
 
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import home
+from comic_pipeline import fileio, home
+from comic_pipeline.defs import refs
+from comic_pipeline.store import Stage3Store
 from comic_pipeline.tracking import Tracking
+from comic_pipeline.inference import configure_cpu_threads
 
 STAGE3_STORE_ENV = "COMIC_STAGE3_STORE"
 STAGE3_METADATA_ENV = "COMIC_STAGE3_METADATA"
 PROFILE_ENV = "COMIC_PIPELINE_PROFILE"
+MLFLOW_UI_ENV = "COMIC_MLFLOW_UI_URL"  # `make dev` sets it to the UI `make mlflow` serves
 
 
 def profile() -> str:
@@ -68,16 +74,12 @@ class Stage3StoreResource(dg.ConfigurableResource):
     def is_demo(self) -> bool:
         return not (self.url or os.environ.get(STAGE3_STORE_ENV))
 
-    def open(self):
-        from comic_pipeline.store import Stage3Store
-
+    def open(self) -> Stage3Store:
         return Stage3Store.open(
             self.store_url(), self.metadata_url or os.environ.get(STAGE3_METADATA_ENV) or None
         )
 
     def exists(self) -> bool:
-        from comic_pipeline import fileio
-
         return fileio.exists(self.store_url())
 
 
@@ -94,8 +96,6 @@ class TorchDevice(dg.ConfigurableResource):
 
     def configure(self) -> str:
         """Apply the thread setting; returns the device spec for the domain code."""
-        from comic_pipeline.training import configure_cpu_threads
-
         configure_cpu_threads(self.cpu_threads)
         return self.device
 
@@ -110,7 +110,11 @@ class MLflowTracking(dg.ConfigurableResource):
     )
     experiment_name: str = "comic_pipeline"
     registered_model_name: str = "comic-sequence-model"
-    ui_url: Optional[str] = Field(default=None, description="An MLflow UI for run links, if any.")
+    ui_url: Optional[str] = Field(
+        default=None,
+        description=f"An MLflow UI serving this tracking store, for run links; default ${MLFLOW_UI_ENV} "
+        "(`make dev` sets it to the `make mlflow` address).",
+    )
 
     def tracking(self) -> Tracking:
         root = self.storage.root()
@@ -119,13 +123,59 @@ class MLflowTracking(dg.ConfigurableResource):
             experiment_name=self.experiment_name,
             registered_model_name=self.registered_model_name,
             artifact_root=None if self.tracking_uri else home.mlflow_artifact_root(root),
-            ui_url=self.ui_url,
+            ui_url=self.ui_url or os.environ.get(MLFLOW_UI_ENV) or None,
         )
+
+
+class RefIOManager(dg.ConfigurableIOManager):
+    """The one IO manager: stores the refs that travel along the asset edges (defs/refs.py) as
+    JSON under `<home>/refs/<asset key path>.json` (a partition adds `/<quoted key>`), written
+    atomically through fileio, so the home may be a folder or an fsspec URL. Never arrays."""
+
+    storage: dg.ResourceDependency[PipelineStorage]
+
+    def url_of(self, key: dg.AssetKey, partition: Optional[str] = None) -> str:
+        parts = ["refs", *key.path]
+        if partition is not None:
+            parts.append(urllib.parse.quote(partition, safe=""))
+        parts[-1] += ".json"
+        return self.storage.path(*parts)
+
+    def _url(self, context, key: dg.AssetKey) -> str:
+        if not context.has_asset_partitions:
+            return self.url_of(key)
+        partitions = list(context.asset_partition_keys)
+        if len(partitions) != 1:
+            raise dg.Failure(f"{key.to_user_string()}: a ref is stored per partition; this step "
+                             f"covers {len(partitions)} partitions")
+        return self.url_of(key, partitions[0])
+
+    def handle_output(self, context: dg.OutputContext, obj) -> None:
+        if obj is not None:
+            fileio.atomic_write_bytes(self._url(context, context.asset_key), refs.dumps(obj))
+
+    def load_input(self, context: dg.InputContext):
+        key = context.upstream_output.asset_key if context.upstream_output else context.asset_key
+        url = self._url(context, key)
+        if not fileio.exists(url):
+            raise dg.Failure(f"{key.to_user_string()} has not been materialized in this home yet "
+                             f"(no {url}): materialize it first.")
+        with fileio.open_binary(url) as handle:
+            return refs.loads(handle.read())
+
+    def stored(self, key: dg.AssetKey):
+        """The stored ref of an unpartitioned asset, outside a run (reports, tests); None if none."""
+        url = self.url_of(key)
+        if not fileio.exists(url):
+            return None
+        with fileio.open_binary(url) as handle:
+            return refs.loads(handle.read())
 
 
 def build_resources(storage: PipelineStorage | None = None) -> dict[str, dg.ConfigurableResource]:
     storage = storage or PipelineStorage()
     return {
+        "io_manager": RefIOManager(storage=storage),
         "storage": storage,
         "stage3": Stage3StoreResource(storage=storage),
         "torch_device": TorchDevice(),

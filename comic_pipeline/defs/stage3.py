@@ -10,11 +10,10 @@ import dagster as dg
 from pydantic import Field
 
 from comic_pipeline import corpus
+from comic_pipeline.defs.keys import STAGE3_PANEL_EMBEDDINGS, STAGE3_STORE, comics_partitions
 from comic_pipeline.defs.resources import Stage3StoreResource, profile
 from comic_pipeline.quarantine import Quarantine
 from comic_pipeline.store import Stage3StoreError
-
-comics_partitions = dg.DynamicPartitionsDefinition(name="comics")
 
 
 class DemoCorpusConfig(dg.Config):
@@ -25,11 +24,13 @@ class DemoCorpusConfig(dg.Config):
 
 
 @dg.asset(
+    key=STAGE3_STORE,
     group_name="stage3",
     description=(
         "The Stage 3 embedding store. When no store is configured (COMIC_STAGE3_STORE or the "
         "stage3 resource's url), this writes the synthetic demo corpus into the home folder; with "
-        "a configured store it opens it, detects its layout and records what it holds."
+        "a configured store it opens it, detects its layout and records what it holds. On a fresh "
+        "home, start here: new_comics_sensor then turns its comics into partitions."
     ),
 )
 def stage3_store(
@@ -89,64 +90,53 @@ def _quarantine_table(bad) -> str:
 
 
 @dg.asset(
+    key=STAGE3_PANEL_EMBEDDINGS,
     group_name="stage3",
     partitions_def=comics_partitions,
-    deps=[stage3_store],
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=50),
+    deps=[STAGE3_STORE],
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=200),
+    output_required=False,  # one materialization per valid comic, each with its own metadata
     description=(
         "One comic of the Stage 3 store, validated against the input contract (shapes, dims, "
-        "finite values, prefix masks, ids). Records pages, panels, modalities, dim, dtype and a "
-        "content hash. A bad comic is quarantined with the comic, array and problem named (left "
-        "out of splits until it validates again); the other comics of the run go on. A run whose "
-        "comics are all bad fails."
+        "finite values, prefix masks, ids). Records its original name, pages, panels, modalities, "
+        "dim, dtype and a content hash per comic. A run over many comics validates each on its "
+        "own: every valid comic is materialized; a bad one is quarantined with the comic, array "
+        "and problem named (left out of splits, tasks and embeddings until it validates again) "
+        "and the others go on. A run whose comics are all bad fails. No partitions yet (a fresh "
+        "home)? Materialize stage3_store: within 30 s new_comics_sensor adds one partition per "
+        "comic and validates them all in one run; then Materialize all -> All partitions."
     ),
 )
-def stage3_panel_embeddings(
-    context: dg.AssetExecutionContext, stage3: Stage3StoreResource
-) -> dg.MaterializeResult:
+def stage3_panel_embeddings(context: dg.AssetExecutionContext, stage3: Stage3StoreResource):
     store = stage3.open()
     quarantine = Quarantine(stage3.storage.root())
-    summaries, bad = [], []
+    bad = []
     for comic_id in context.partition_keys:
         try:
             summary = store.comic(comic_id).validate()
-        except (Stage3StoreError, OSError) as error:
+        except (Stage3StoreError, OSError) as error:  # one bad comic never blocks the others
             bad.append(quarantine.put(comic_id, _name_of(store, comic_id), str(error)))
             context.log.error(f"quarantined {comic_id}: {error}")
             continue
         quarantine.clear(comic_id)
-        summaries.append(summary)
-        context.log.info(
-            f"{summary.name} ({comic_id}): {summary.n_pages} pages, {summary.n_panels} panels, "
-            f"{', '.join(summary.modalities)}"
+        context.log.info(f"{summary.name} ({comic_id}): {summary.n_pages} pages, "
+                         f"{summary.n_panels} panels, {', '.join(summary.modalities)}")
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key, partition=comic_id,
+            metadata={
+                "comic": summary.name,
+                "pages": summary.n_pages,
+                "panels": summary.n_panels,
+                "modalities": ", ".join(summary.modalities),
+                "dim": store.dim,
+                "dtype": summary.dtype,
+                "content_hash": summary.content_hash,
+                "store": dg.MetadataValue.path(stage3.store_url()),
+            },
         )
-    if not summaries:
+    if bad and len(bad) == len(context.partition_keys):
         raise dg.Failure(
-            description="Every comic of this run failed validation:\n" + "\n".join(b.error for b in bad),
+            description=f"Every comic of this run ({len(bad)}) failed validation:\n"
+            + "\n".join(b.error for b in bad),
             metadata={"quarantined_comics": dg.MetadataValue.md(_quarantine_table(bad))},
         )
-    metadata: dict[str, object] = {
-        "comics": len(summaries),
-        "quarantined": len(bad),
-        "quarantined_comics": dg.MetadataValue.md(_quarantine_table(bad)),
-        "pages": sum(s.n_pages for s in summaries),
-        "panels": sum(s.n_panels for s in summaries),
-        "dim": store.dim,
-        "store": dg.MetadataValue.path(stage3.store_url()),
-    }
-    if len(summaries) == 1:
-        (summary,) = summaries
-        metadata.update(
-            comic=summary.name, modalities=", ".join(summary.modalities), dtype=summary.dtype,
-            content_hash=summary.content_hash,
-        )
-    else:
-        rows = "\n".join(
-            f"| {_md(s.name)} | `{s.comic_id}` | {s.n_pages} | {s.n_panels} | "
-            f"{', '.join(s.modalities)} | {s.dtype} | `{s.content_hash[:12]}` |" for s in summaries
-        )
-        metadata["summary"] = dg.MetadataValue.md(
-            "| comic | partition key | pages | panels | modalities | dtype | content hash |\n"
-            "|---|---|---|---|---|---|---|\n" + rows
-        )
-    return dg.MaterializeResult(metadata=metadata)

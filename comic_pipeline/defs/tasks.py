@@ -9,12 +9,11 @@ import pandas as pd
 from pydantic import Field
 
 from comic_pipeline import fileio, schema, tasks
-from comic_pipeline.defs.lineage import latest_metadata
+from comic_pipeline.defs.keys import COMIC_SPLITS, STAGE3_PANEL_EMBEDDINGS, TASK_KEYS, comics_partitions
+from comic_pipeline.defs.datasets import read_splits
+from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource
-from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
 from comic_pipeline.quarantine import Quarantine
-
-TASK_KEYS = {name: dg.AssetKey(["tasks", name]) for name in schema.TASK_NAMES}
 
 
 class SplitConfig(dg.Config):
@@ -24,8 +23,9 @@ class SplitConfig(dg.Config):
 
 
 @dg.asset(
+    key=COMIC_SPLITS,
     group_name="tasks",
-    deps=[stage3_panel_embeddings],
+    deps=[STAGE3_PANEL_EMBEDDINGS],
     description=(
         "Book-level train/val/test assignment of every validated comic, from a stable hash of the "
         "comic id: a comic keeps its split whenever it arrives and never sits in two splits."
@@ -33,9 +33,10 @@ class SplitConfig(dg.Config):
 )
 def comic_splits(
     context: dg.AssetExecutionContext, config: SplitConfig, storage: PipelineStorage
-) -> dg.MaterializeResult:
+) -> dg.Output[SplitsRef]:
+    # Which comics passed validation is partition status, not data: the instance knows it.
     registered = set(context.instance.get_dynamic_partitions(comics_partitions.name))
-    validated = context.instance.get_materialized_partitions(stage3_panel_embeddings.key)
+    validated = context.instance.get_materialized_partitions(STAGE3_PANEL_EMBEDDINGS)
     quarantined = set(Quarantine(storage.root()).records())  # failed their last validation
     comic_ids = sorted((registered & set(validated)) - quarantined)
     if not comic_ids:
@@ -52,13 +53,17 @@ def comic_splits(
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
     digest = hashlib.sha256(buffer.getvalue()).hexdigest()[:16]
-    path = storage.path("splits", f"comic_splits-{digest}.parquet")
+    relative = f"splits/comic_splits-{digest}.parquet"
+    path = storage.path(relative)
     fileio.atomic_write_bytes(path, buffer.getvalue())
     counts = table["split"].value_counts().reindex(list(schema.SPLITS), fill_value=0)
     preview = table.groupby("split")["comic_id"].apply(lambda ids: ", ".join(ids[:8]) + (" …" if len(ids) > 8 else ""))
-    return dg.MaterializeResult(
+    return dg.Output(
+        SplitsRef(path=relative, fingerprint=digest,
+                  counts={split: int(counts[split]) for split in schema.SPLITS}),
         metadata={
             "path": dg.MetadataValue.path(path),
+            "fingerprint": digest,
             "comics": len(comic_ids),
             **{f"{split}_comics": int(counts[split]) for split in schema.SPLITS},
             "preview": dg.MetadataValue.md(
@@ -70,14 +75,6 @@ def comic_splits(
     )
 
 
-def read_splits(instance: dg.DagsterInstance) -> dict[str, str]:
-    """comic id -> split, from the file the latest comic_splits materialization wrote."""
-    path = latest_metadata(instance, comic_splits.key)["path"]
-    with fileio.open_binary(path) as handle:
-        table = pd.read_parquet(handle)
-    return dict(zip(table["comic_id"], table["split"]))
-
-
 class TaskGenerationConfig(dg.Config):
     seed: int = Field(default=0, description="Generation seed: the same seed, the same datasets.")
     samples_per_page: int = Field(default=4, description="Samples drawn from each eligible page.")
@@ -86,14 +83,15 @@ class TaskGenerationConfig(dg.Config):
 
 
 @dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            key, group_name="tasks", deps=[comic_splits],
+    outs={
+        name: dg.AssetOut(
+            key=key, group_name="tasks", is_required=False,
             description=f"{tasks.TASKS[name].description} Index-based samples per split "
             "(references into the Stage 3 store, not copies).",
         )
         for name, key in TASK_KEYS.items()
-    ],
+    },
+    ins={"comic_splits": dg.AssetIn(COMIC_SPLITS)},
     can_subset=True,
 )
 def task_datasets(
@@ -101,9 +99,10 @@ def task_datasets(
     config: TaskGenerationConfig,
     stage3: Stage3StoreResource,
     storage: PipelineStorage,
+    comic_splits: SplitsRef,
 ):
     """One step generates every selected task, so the store is read once."""
-    split_of = read_splits(context.instance)
+    split_of = read_splits(storage, comic_splits)
     store = stage3.open()
     features = store.load_features(sorted(split_of))
     task_config = tasks.TaskConfig(
@@ -112,47 +111,44 @@ def task_datasets(
     for name, key in TASK_KEYS.items():
         if key not in context.selected_asset_keys:
             continue
+        spec = tasks.TASKS[name]
         try:
             dataset = tasks.generate_task(name, features, split_of, task_config)
         except tasks.TaskSkipped as skipped:
             context.log.warning(f"{name} skipped: {skipped.reason}")
-            yield dg.MaterializeResult(
-                asset_key=key, metadata={"skipped": skipped.reason},
-                data_version=dg.DataVersion("skipped"),
-            )
+            ref = TaskDatasetRef(task=name, path=None, fingerprint=None, n_options=spec.n_options,
+                                 chance=spec.chance(), splits_fingerprint=comic_splits.fingerprint,
+                                 skipped=skipped.reason)
+            yield dg.Output(ref, output_name=name, metadata={"skipped": skipped.reason},
+                            data_version=dg.DataVersion("skipped"))
             continue
-        buffer_path, digest = _save(storage, name, dataset)
+        relative, digest = _save(storage, name, dataset)
+        chance = float(dataset.attrs.get("chance", spec.chance()))
+        ref = TaskDatasetRef(task=name, path=relative, fingerprint=digest, n_options=dataset.n_options,
+                             chance=chance, splits_fingerprint=comic_splits.fingerprint)
         counts = {f"{split}_samples": dataset.n_samples(split) for split in schema.SPLITS}
-        yield dg.MaterializeResult(
-            asset_key=key,
+        yield dg.Output(
+            ref,
+            output_name=name,
             metadata={
-                "path": dg.MetadataValue.path(buffer_path),
+                "path": dg.MetadataValue.path(storage.path(relative)),
+                "fingerprint": digest,
                 **counts,
                 "n_options": dataset.n_options,
-                "chance": float(dataset.attrs["chance"]),
+                "chance": chance,
                 "distractor_policy": str(dataset.attrs.get("distractor_policy", config.distractors)),
                 "seed": config.seed,
+                "splits_fingerprint": comic_splits.fingerprint,
             },
             data_version=dg.DataVersion(digest),
         )
 
 
 def _save(storage: PipelineStorage, name: str, dataset: schema.TaskDataset) -> tuple[str, str]:
-    """Write under a content-addressed name so a reader of an older record still finds its file."""
+    """Write under a content-addressed name, so every ref ever made still finds its file.
+    Returns (path relative to the home, fingerprint)."""
     digest = dataset.fingerprint()
-    path = storage.path("tasks", name, f"{name}-{digest}.npz")
-    if not fileio.exists(path):
-        schema.save_task_dataset(path, dataset)
-    return path, digest
-
-
-def load_task_datasets(instance: dg.DagsterInstance) -> tuple[dict[str, schema.TaskDataset], dict[str, str]]:
-    """The datasets the latest task materializations wrote, and the skip reason of the others."""
-    datasets, skipped = {}, {}
-    for name, key in TASK_KEYS.items():
-        metadata = latest_metadata(instance, key)
-        if "skipped" in metadata:
-            skipped[name] = metadata["skipped"]
-        else:
-            datasets[name] = schema.load_task_dataset(metadata["path"])
-    return datasets, skipped
+    relative = f"tasks/{name}/{name}-{digest}.npz"
+    if not fileio.exists(storage.path(relative)):
+        schema.save_task_dataset(storage.path(relative), dataset)
+    return relative, digest

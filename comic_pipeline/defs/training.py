@@ -10,10 +10,12 @@ import mlflow
 from pydantic import Field
 
 from comic_pipeline import training
+from comic_pipeline.defs.datasets import load_task_datasets
+from comic_pipeline.defs.keys import SEQUENCE_MODEL, TASK_KEYS
+from comic_pipeline.defs.refs import ModelRef, TaskDatasetRef
 from comic_pipeline.defs.resources import (
     MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice, profile,
 )
-from comic_pipeline.defs.tasks import TASK_KEYS, load_task_datasets
 from comic_pipeline.tracking import code_version, model_requirements
 
 
@@ -59,8 +61,9 @@ def train_config_of(config: TrainingConfig) -> training.TrainConfig:
 
 
 @dg.asset(
+    key=SEQUENCE_MODEL,
     group_name="training",
-    deps=list(TASK_KEYS.values()),
+    ins={name: dg.AssetIn(key) for name, key in TASK_KEYS.items()},
     pool="gpu",
     description=(
         "Trains the multi-task panel-sequence transformer on every generated task (heads score "
@@ -76,11 +79,13 @@ def sequence_model(
     storage: PipelineStorage,
     torch_device: TorchDevice,
     mlflow_tracking: MLflowTracking,
-) -> dg.MaterializeResult:
+    **task_refs: TaskDatasetRef,
+) -> dg.Output[ModelRef]:
+    """`task_refs`: one TaskDatasetRef per task (the inputs named by TASK_KEYS)."""
     tracking = mlflow_tracking.tracking()
     tracking.ensure_reachable()  # never train untracked
     device = torch_device.configure()
-    datasets, skipped = load_task_datasets(context.instance)
+    datasets, skipped = load_task_datasets(storage, task_refs)
     if not datasets:
         raise dg.Failure(f"No task dataset to train on (skipped: {skipped}).")
     comic_ids = list(dict.fromkeys(next(iter(datasets.values())).comic_ids))
@@ -110,13 +115,17 @@ def sequence_model(
         k: round(float(v), 4) for k, v in result.best_record.items() if k.startswith("val_accuracy_")
     }
     link = tracking.run_link(run_id)
-    return dg.MaterializeResult(
+    model_ref = ModelRef(name=tracking.registered_model_name, version=version, run_id=run_id,
+                         uri=model_uri, datasets=dict(task_refs))
+    return dg.Output(
+        model_ref,
         metadata={
             "mlflow_run_id": run_id,
             "model_uri": model_uri,
             "model_version": version,
             **({"mlflow_run": dg.MetadataValue.url(link)} if link else {}),
             "tasks_trained": ", ".join(sorted(datasets)),
+            "dataset_fingerprints": dg.MetadataValue.json(model_ref.fingerprints()),
             "tasks_skipped": json.dumps(skipped) if skipped else "none",
             "best_epoch": int(result.best_epoch),
             "epochs_run": len(result.history),

@@ -4,6 +4,8 @@ import dagster as dg
 import numpy as np
 import pytest
 
+import zarr
+
 from comic_pipeline import store as stage3_store_module
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource, build_resources
 from comic_pipeline_tests.test_store import build_legacy_store
@@ -42,8 +44,6 @@ def test_a_bad_comic_fails_validation_naming_comic_and_array(tmp_path, migrated_
             "panel_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)}
     stage3_store_module.write_native_comic(url, "good-comic", page_ids=["p1", "p2"], title="ok", arrays=good)
     # Stage 3 wrote a NaN into a valid panel: bypass our writer's checks the way a foreign writer would
-    import zarr
-
     zarr.open_group(url, mode="r+")["comics/good-comic/panel_embeddings"][1, 2, 3] = np.nan
     with dg.instance_for_test() as instance:
         pipeline = _pipeline(tmp_path, migrated_mlflow_db, instance,
@@ -55,3 +55,23 @@ def test_a_bad_comic_fails_validation_naming_comic_and_array(tmp_path, migrated_
         error = str(result.failure_data_for_node("stage3_panel_embeddings").error)
         assert "good-comic" in error and "panel_embeddings" in error
         assert not instance.get_materialized_partitions(dg.AssetKey("stage3_panel_embeddings"))
+
+
+def test_one_bad_comic_in_a_many_comic_run_leaves_the_others_validated(tmp_path, migrated_mlflow_db):
+    url = str(tmp_path / "mixed.zarr")
+    stage3_store_module.create_native_store(url, dim=8, max_panels=4)
+    arrays = {"panel_embeddings": np.ones((2, 4, 8), np.float32),
+              "panel_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)}
+    for comic_id in ("a-good", "b-bad", "c-good"):
+        stage3_store_module.write_native_comic(url, comic_id, page_ids=["p1", "p2"], title=comic_id,
+                                               arrays=arrays)
+    zarr.open_group(url, mode="r+")["comics/b-bad/panel_embeddings"][0, 1, 2] = np.inf
+    with dg.instance_for_test() as instance:
+        pipeline = _pipeline(tmp_path, migrated_mlflow_db, instance,
+                             Stage3StoreResource(storage=PipelineStorage(), url=url))
+        instance.add_dynamic_partitions("comics", ["a-good", "b-bad", "c-good"])
+        result = pipeline.materialize_all_comics(["stage3_panel_embeddings"], raise_on_error=False)
+        assert not result.success
+        error = str(result.failure_data_for_node("stage3_panel_embeddings").error)
+        assert "1 of 3 comics failed validation" in error and "b-bad" in error and "a-good" not in error
+        assert instance.get_materialized_partitions(dg.AssetKey("stage3_panel_embeddings")) == {"a-good", "c-good"}

@@ -1,0 +1,38 @@
+"""Reading what a ref names: the splits table and the task datasets, each checked against the
+fingerprint its ref carries (a ref never silently points at other data)."""
+
+from typing import Mapping
+
+import dagster as dg
+import pandas as pd
+
+from comic_pipeline import fileio, schema
+from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
+from comic_pipeline.defs.resources import PipelineStorage
+
+
+def read_splits(storage: PipelineStorage, splits: SplitsRef) -> dict[str, str]:
+    """comic id -> split, from the table `splits` names."""
+    with fileio.open_binary(storage.path(splits.path)) as handle:
+        table = pd.read_parquet(handle)
+    return dict(zip(table["comic_id"], table["split"]))
+
+
+def load_task_dataset(storage: PipelineStorage, ref: TaskDatasetRef) -> schema.TaskDataset:
+    if ref.skipped is not None:
+        raise ValueError(f"{ref.task} was skipped ({ref.skipped}): there is no dataset to load")
+    dataset = schema.load_task_dataset(storage.path(ref.path))
+    if dataset.fingerprint() != ref.fingerprint:
+        raise dg.Failure(f"{ref.task}: {ref.path} holds dataset {dataset.fingerprint()}, not "
+                         f"{ref.fingerprint} as its ref says: the home was changed by hand.")
+    return dataset
+
+
+def load_task_datasets(
+    storage: PipelineStorage, task_refs: Mapping[str, TaskDatasetRef]
+) -> tuple[dict[str, schema.TaskDataset], dict[str, str]]:
+    """The datasets `task_refs` name, and the skip reason of the skipped tasks."""
+    datasets = {name: load_task_dataset(storage, ref) for name, ref in task_refs.items()
+                if ref.skipped is None}
+    skipped = {name: ref.skipped for name, ref in task_refs.items() if ref.skipped is not None}
+    return datasets, skipped

@@ -1,0 +1,26 @@
+"""The names the asset files share: every asset key of the graph and the `comics` partitions.
+
+Asset files name their upstream by these keys (never by importing another asset file), so each
+file can be read, tested and changed on its own.
+"""
+
+import dagster as dg
+
+from comic_pipeline import schema
+
+comics_partitions = dg.DynamicPartitionsDefinition(name="comics")
+
+STAGE3_STORE = dg.AssetKey("stage3_store")
+STAGE3_PANEL_EMBEDDINGS = dg.AssetKey("stage3_panel_embeddings")
+COMIC_SPLITS = dg.AssetKey("comic_splits")
+TASK_KEYS = {name: dg.AssetKey(["tasks", name]) for name in schema.TASK_NAMES}
+SEQUENCE_MODEL = dg.AssetKey("sequence_model")
+EVALUATION_KEYS = {name: dg.AssetKey(["evaluation", name]) for name in schema.TASK_NAMES}
+EVALUATION_SUMMARY = dg.AssetKey(["evaluation", "summary"])
+CHAMPION_MODEL = dg.AssetKey("champion_model")
+CONTEXTUALIZED_EMBEDDINGS = dg.AssetKey("contextualized_embeddings")
+
+# The quality gates: the asset checks of every evaluation/<task>.
+BLOCKING_GATES = ("beats_chance", "beats_shortcuts")
+REGRESSION_GATE = "no_regression_vs_champion"
+STALE_EMBEDDINGS_CHECK = "embeddings_made_by_champion"

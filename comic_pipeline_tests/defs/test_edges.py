@@ -1,0 +1,114 @@
+"""Asset logic called directly with in-memory inputs: the refs, the IO manager, champion_model's
+refusals (and their reasons) and the stale-embedding check. No trained model needed."""
+
+from __future__ import annotations
+
+import math
+
+import dagster as dg
+import pytest
+
+from comic_pipeline.defs import refs
+from comic_pipeline.defs.champion import ChampionConfig, champion_model
+from comic_pipeline.defs.embeddings import embeddings_made_by_champion
+from comic_pipeline.defs.keys import BLOCKING_GATES, SEQUENCE_MODEL, TASK_KEYS
+from comic_pipeline.defs.refs import EvaluationReport, ModelRef, SplitsRef, TaskDatasetRef, TaskReport
+from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, RefIOManager
+
+TASKS = ("sequence_filling", "reading_order", "caption_relevance")
+
+
+def _model(version="3", fingerprints=None) -> ModelRef:
+    fingerprints = fingerprints or {t: f"fp-{t}" for t in TASKS}
+    datasets = {t: TaskDatasetRef(task=t, path=f"tasks/{t}/{t}-{fp}.npz", fingerprint=fp, n_options=5,
+                                  chance=0.2, splits_fingerprint="s1") for t, fp in fingerprints.items()}
+    datasets["caption_relevance"] = TaskDatasetRef(
+        task="caption_relevance", path=None, fingerprint=None, n_options=4, chance=0.25,
+        splits_fingerprint="s1", skipped="needs caption+fused; the store has fused")
+    return ModelRef(name="comic-sequence-model", version=version, run_id=f"run-{version}",
+                    uri=f"models:/comic-sequence-model/{version}", datasets=datasets)
+
+
+def _report(model: ModelRef, accuracy=0.9, failed=(), fingerprint_of=None) -> EvaluationReport:
+    tasks = {}
+    for name, ref in model.datasets.items():
+        if ref.skipped:
+            tasks[name] = TaskReport(task=name, model_version=model.version, dataset_fingerprint=None,
+                                     skipped=ref.skipped)
+            continue
+        tasks[name] = TaskReport(
+            task=name, model_version=model.version,
+            dataset_fingerprint=(fingerprint_of or {}).get(name, ref.fingerprint),
+            metrics={"accuracy": accuracy, "accuracy_ci_low": accuracy - 0.05, "chance": 0.2},
+            gates={gate: (name, gate) not in failed for gate in BLOCKING_GATES},
+        )
+    return EvaluationReport(model=model, tasks=tasks, strip={"view_recall_at_1": 0.5})
+
+
+def test_every_ref_round_trips_through_json():
+    model = _model()
+    values = [SplitsRef(path="splits/x.parquet", fingerprint="abc", counts={"train": 8, "val": 1, "test": 1}),
+              model, _report(model), _report(model).tasks["sequence_filling"]]
+    for value in values:
+        assert refs.loads(refs.dumps(value)) == value
+    nan_chance = TaskDatasetRef(task="reading_order", path="p.npz", fingerprint="f", n_options=0,
+                                chance=float("nan"), splits_fingerprint="s")
+    assert math.isnan(refs.loads(refs.dumps(nan_chance)).chance)
+    with pytest.raises(TypeError, match="not a ref type"):
+        refs.dumps({"arrays": [1, 2]})
+    with pytest.raises(ValueError, match="exactly one of path and skipped"):
+        TaskDatasetRef(task="t", path=None, fingerprint=None, n_options=2, chance=0.5, splits_fingerprint="s")
+
+
+def test_the_io_manager_stores_refs_in_the_home_and_names_what_is_missing(tmp_path):
+    io_manager = RefIOManager(storage=PipelineStorage(home=str(tmp_path)))
+    model = _model()
+    context = dg.build_output_context(asset_key=SEQUENCE_MODEL)
+    io_manager.handle_output(context, model)
+    assert (tmp_path / "refs" / "sequence_model.json").exists()
+    assert io_manager.load_input(dg.build_input_context(asset_key=SEQUENCE_MODEL)) == model
+    assert io_manager.stored(SEQUENCE_MODEL) == model
+    with pytest.raises(dg.Failure, match="tasks/sequence_filling has not been materialized"):
+        io_manager.load_input(dg.build_input_context(asset_key=TASK_KEYS["sequence_filling"]))
+    assert not list(tmp_path.rglob(".tmp-*"))  # written atomically, nothing left beside
+
+
+def _refusal(model, report, tmp_path, **config) -> str:
+    storage = PipelineStorage(home=str(tmp_path))
+    with pytest.raises(dg.Failure) as refused:
+        champion_model(context=dg.build_asset_context(), config=ChampionConfig(**config), storage=storage,
+                       mlflow_tracking=MLflowTracking(storage=storage), model_ref=model, report=report)
+    return refused.value.description
+
+
+def test_champion_model_refuses_a_failed_blocking_gate_and_says_which(tmp_path):
+    model = _model()
+    reason = _refusal(model, _report(model, failed={("reading_order", "beats_shortcuts")}), tmp_path)
+    assert "Model version 3 cannot become champion" in reason
+    assert "reading_order: gate beats_shortcuts failed" in reason
+    assert "sequence_filling" not in reason and "caption_relevance" not in reason  # passed / skipped
+
+
+def test_champion_model_refuses_a_report_about_another_version(tmp_path):
+    reason = _refusal(_model("4"), _report(_model("3")), tmp_path)
+    assert "describes comic-sequence-model version 3, not version 4" in reason
+
+
+def test_champion_model_refuses_a_report_on_other_datasets(tmp_path):
+    model = _model()
+    report = _report(model, fingerprint_of={"sequence_filling": "fp-resplit"})
+    reason = _refusal(model, report, tmp_path)
+    assert "sequence_filling: evaluated on dataset fp-resplit, but the model trained on fp-sequence_filling" in reason
+
+
+def test_champion_model_refuses_a_report_missing_a_task(tmp_path):
+    model = _model()
+    report = _report(model)
+    report = EvaluationReport(model=model, tasks={k: v for k, v in report.tasks.items() if k != "reading_order"})
+    assert "reading_order: not evaluated" in _refusal(model, report, tmp_path)
+
+
+def test_the_stale_check_without_embeddings_passes_and_says_so(tmp_path):
+    result = embeddings_made_by_champion(context=dg.build_asset_check_context(),
+                                         storage=PipelineStorage(home=str(tmp_path)), champion=_model())
+    assert result.passed and result.metadata["note"].value == "no embeddings yet"
