@@ -243,7 +243,9 @@ class ContextualizedStore:
 
     # -- listing --
     def _group_url(self, comic_id: str) -> str:
-        return fileio.join(self.url, COMICS, comic_id)
+        # on an object store a comic folder is versioned: read only its committed version (fileio)
+        url = fileio.join(self.url, COMICS, comic_id)
+        return fileio.committed_directory(url) or url
 
     def _group_attrs(self, comic_id: str) -> dict | None:
         """Attrs of a complete comic group, None when absent or unfinished."""
