@@ -10,6 +10,7 @@ from comic_pipeline import embedding_store, training
 from comic_pipeline.defs.evaluation import champion_model
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
 from comic_pipeline.defs.stage3 import comics_partitions, stage3_panel_embeddings
+from comic_pipeline.defs.k8s import gpu_op_tags
 
 
 class EmbeddingConfig(dg.Config):
@@ -21,6 +22,7 @@ class EmbeddingConfig(dg.Config):
     partitions_def=comics_partitions,
     deps=[stage3_panel_embeddings, champion_model],
     pool="gpu",
+    op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
     description=(
         "Per comic: contextualized panel embeddings and strip (page) embeddings from the "

@@ -15,6 +15,7 @@ from comic_pipeline.defs.resources import (
 )
 from comic_pipeline.defs.tasks import TASK_KEYS, load_task_datasets
 from comic_pipeline.tracking import code_version, model_requirements
+from comic_pipeline.defs.k8s import gpu_op_tags
 
 
 # Enough for the demo corpus (~3 min on 2 CPU cores) and for the small, easier tiny corpus.
@@ -56,6 +57,7 @@ def train_config_of(config: TrainingConfig) -> training.TrainConfig:
     group_name="training",
     deps=list(TASK_KEYS.values()),
     pool="gpu",
+    op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
     description=(
         "Trains the multi-task panel-sequence transformer on every generated task (heads score "
         "options against contextualized outputs; the strip embedding has its own objective). One "
