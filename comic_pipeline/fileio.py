@@ -194,6 +194,58 @@ def atomic_directory(final_url: str) -> Iterator[str]:
             fs.rm(url_to_fs(join(final_url, VERSIONS_NAME, displaced))[1], recursive=True)
 
 
+METADATA_NAMES = ("zarr.json", ".zgroup", ".zarray", ".zattrs", ".zmetadata")
+
+
+@contextlib.contextmanager
+def publish_directory(final_url: str) -> Iterator[str]:
+    """Like `atomic_directory`, for a folder that other programs read in its plain layout (a Zarr
+    group of an input store, DESIGN §3), so it cannot be versioned.
+
+    Locally: the same hidden sibling + rename. On an object store: the folder is written to a
+    hidden staging prefix, then copied into place server-side, metadata files (zarr.json) last and
+    the deepest first, so a reader never finds a group's metadata before its data; then objects of
+    the previous content that the new one lacks are deleted. A new folder is thus invisible until
+    complete and a crash leaves only the staging prefix (readers skip dot-names). Replacing a folder
+    that exists is ordered but not atomic on an object store: a reader that reads while it is
+    replaced may see new chunks under old metadata — use `atomic_directory` where rewrites happen.
+    """
+    if is_local(final_url):
+        with atomic_directory(final_url) as tmp_url:
+            yield tmp_url
+        return
+    staging_url = temporary_sibling(final_url)
+    fs, staging_path = url_to_fs(staging_url)
+    _, final_path = url_to_fs(final_url)
+    try:
+        yield staging_url
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(staging_path, recursive=True)
+        raise
+    fs.invalidate_cache()
+    staged = sorted(name[len(staging_path) + 1:] for name in fs.find(staging_path))
+    try:
+        old = {name[len(final_path) + 1:] for name in fs.find(final_path)}
+    except FileNotFoundError:
+        old = set()
+
+    def is_metadata(relative: str) -> bool:
+        return relative.rpartition("/")[2] in METADATA_NAMES
+
+    data = [r for r in staged if not is_metadata(r)]
+    metadata = sorted((r for r in staged if is_metadata(r)), key=lambda r: -r.count("/"))  # deepest first
+    if data:
+        fs.copy([f"{staging_path}/{r}" for r in data], [f"{final_path}/{r}" for r in data])
+    for relative in metadata:
+        fs.copy(f"{staging_path}/{relative}", f"{final_path}/{relative}")
+    stale = sorted(old - set(staged))
+    if stale:
+        fs.rm([f"{final_path}/{r}" for r in stale])
+    fs.rm(staging_path, recursive=True)
+    fs.invalidate_cache()
+
+
 def read_commit(final_url: str) -> dict | None:
     """The commit record of an object-store folder (version, files), or None when uncommitted."""
     fs, path = url_to_fs(join(final_url, COMMIT_NAME))

@@ -630,7 +630,7 @@ def create_native_store(url: str, *, dim: int, max_panels: int, max_boxes: int =
     attrs = {"format": FORMAT, "version": VERSION, "dim": int(dim), "max_panels": int(max_panels)}
     if max_boxes:
         attrs["max_boxes"] = int(max_boxes)
-    with fileio.atomic_directory(url) as tmp_url:
+    with fileio.publish_directory(url) as tmp_url:
         root = zarr.open_group(tmp_url, mode="w", zarr_format=3, attributes=attrs)
         root.create_group(COMICS_GROUP)
 
@@ -680,7 +680,7 @@ def write_native_comic(url: str, comic_id: str, *, page_ids: Sequence[str], titl
     arrays = {name: np.asarray(array) for name, array in arrays.items()}
     validate_comic_arrays(comic_id, page_ids, arrays, dim=dim, max_panels=max_panels,
                           max_boxes=max_boxes)
-    with fileio.atomic_directory(fileio.join(url, COMICS_GROUP, comic_id)) as tmp_url:
+    with fileio.publish_directory(fileio.join(url, COMICS_GROUP, comic_id)) as tmp_url:
         group = zarr.open_group(tmp_url, mode="w", zarr_format=3,
                                 attributes={"page_ids": page_ids, "title": title})
         for name, array in arrays.items():

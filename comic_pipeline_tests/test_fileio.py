@@ -208,3 +208,48 @@ def test_file_write_killed_before_it_lands_leaves_the_old_file(tmp_path):
         fileio.atomic_write_bytes({url!r}, b"new" * 100000)
     """, "WRITTEN-NOT-MOVED")
     assert fileio.read_bytes(url) == b"old"
+
+
+def test_publish_directory_keeps_the_plain_layout_and_drops_stale_files(root):
+    final = fileio.join(root, "store.zarr", "comics", "c1")
+    with fileio.publish_directory(final) as tmp:
+        for name in ("zarr.json", "a/zarr.json", "a/c/0", "b/zarr.json", "b/c/0"):
+            fileio.atomic_write_bytes(fileio.join(tmp, name), b"v1")
+    assert set(_tree(final)) == {"zarr.json", "a/zarr.json", "a/c/0", "b/zarr.json", "b/c/0"}
+    with fileio.publish_directory(final) as tmp:
+        for name in ("zarr.json", "a/zarr.json", "a/c/0"):
+            fileio.atomic_write_bytes(fileio.join(tmp, name), b"v2")
+    assert _tree(final) == {"zarr.json": b"v2", "a/zarr.json": b"v2", "a/c/0": b"v2"}
+    assert not any(".tmp-" in name for name in _tree(root))
+
+
+def test_publish_directory_killed_midway_leaves_nothing_visible(root):
+    final = fileio.join(root, "store.zarr", "comics", "new comic")
+    _run_until_killed(f"""
+        import time
+        from comic_pipeline import fileio
+        with fileio.publish_directory({final!r}) as tmp:
+            fileio.atomic_write_bytes(fileio.join(tmp, "panel_embeddings", "c", "0"), b"data")
+            print("HALF-WRITTEN", flush=True)
+            time.sleep(600)
+            fileio.atomic_write_bytes(fileio.join(tmp, "zarr.json"), b"meta")
+    """, "HALF-WRITTEN")
+    assert not fileio.exists(final)  # only a dot-named staging folder is left, which readers skip
+
+
+def test_publish_directory_copies_metadata_after_data(s3_root, monkeypatch):
+    fs, _ = url_to_fs(s3_root)  # the cached instance fileio uses too
+    order: list[str] = []
+    real_copy = fs.copy
+
+    def recording_copy(path1, path2, *args, **kwargs):
+        order.extend([path2] if isinstance(path2, str) else path2)
+        return real_copy(path1, path2, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "copy", recording_copy)
+    final = fileio.join(s3_root, "g")
+    with fileio.publish_directory(final) as tmp:
+        for name in ("zarr.json", "arr/zarr.json", "arr/c/0", "arr/c/1"):
+            fileio.atomic_write_bytes(fileio.join(tmp, name), b"x")
+    names = [path.rpartition("/g/")[2] for path in order]
+    assert names[:2] == ["arr/c/0", "arr/c/1"] and names[2:] == ["arr/zarr.json", "zarr.json"]

@@ -11,13 +11,20 @@ inert. The cluster decides the numbers, through environment variables of the cod
   COMIC_PIPELINE_GPU_NODE_SELECTOR  JSON object of node labels, e.g. {"gpu": "a100"} (default none)
   COMIC_PIPELINE_GPU_STEP_CPU / COMIC_PIPELINE_GPU_STEP_MEMORY  requests beside the GPU
                                   (defaults 4 and 16Gi)
+
+`executor_for_environment()` picks `k8s_job_executor` (deploy/k8s-executor.yaml) when
+COMIC_PIPELINE_EXECUTOR=k8s, the multiprocess executor otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
+
+import dagster as dg
+import yaml
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 
@@ -61,3 +68,25 @@ def gpu_step_k8s_config(environ: Mapping[str, str] | None = None) -> dict[str, A
 def gpu_op_tags(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Op tags for a `gpu`-pool asset: `@dg.asset(..., op_tags=gpu_op_tags())`."""
     return {K8S_CONFIG_TAG: gpu_step_k8s_config(environ)}
+
+
+EXECUTOR_ENV = "COMIC_PIPELINE_EXECUTOR"
+K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "k8s-executor.yaml"
+
+
+def executor_for_environment(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """`k8s_job_executor` configured from deploy/k8s-executor.yaml (or $COMIC_PIPELINE_K8S_EXECUTOR_CONFIG)
+    when COMIC_PIPELINE_EXECUTOR=k8s (the production profile); the multiprocess executor otherwise."""
+    env = os.environ if environ is None else environ
+    choice = env.get(EXECUTOR_ENV, "multiprocess")
+    if choice == "multiprocess":
+        return dg.multiprocess_executor
+    if choice != "k8s":
+        raise ValueError(f"{EXECUTOR_ENV}={choice!r}: expected 'multiprocess' or 'k8s'")
+    try:
+        from dagster_k8s import k8s_job_executor  # the prod extra
+    except ImportError as error:
+        raise ImportError(f"{EXECUTOR_ENV}=k8s needs dagster-k8s: pip install 'comic_pipeline[prod]'") from error
+    path = env.get("COMIC_PIPELINE_K8S_EXECUTOR_CONFIG") or str(K8S_EXECUTOR_CONFIG)
+    with open(path) as handle:
+        return k8s_job_executor.configured(yaml.safe_load(handle), name="k8s_job_executor")

@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from comic_pipeline import home
+from comic_pipeline.defs.k8s import executor_for_environment
 from comic_pipeline.tracking import Tracking
 
 STAGE3_STORE_ENV = "COMIC_STAGE3_STORE"
@@ -135,4 +136,4 @@ def build_resources(storage: PipelineStorage | None = None) -> dict[str, dg.Conf
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources=build_resources(), executor=dg.multiprocess_executor)
+    return dg.Definitions(resources=build_resources(), executor=executor_for_environment())  # defs/k8s.py
