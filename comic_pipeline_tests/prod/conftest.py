@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-STARTUP_TIMEOUT_S = 120
+STARTUP_TIMEOUT_S = 180
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -179,15 +180,16 @@ def _start_moto(folder: Path) -> tuple[Component, str]:
 
 
 def _start_mlflow(folder: Path, services: ProdServices, artifacts_bucket: str) -> tuple[Component, str]:
+    """The server exactly as deploy/mlflow-server.sh starts it in production."""
     port = _free_port()
-    mlflow_bin = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_S3_ENDPOINT_URL": services.s3_endpoint}
-    component = _start("mlflow-server", [
-        mlflow_bin, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", services.postgres_url("mlflow"),
-        "--artifacts-destination", f"s3://{artifacts_bucket}/mlartifacts",
-    ], folder / "mlflow.log", env=env)
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": services.s3_endpoint,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+           "MLFLOW_PG_URL": services.postgres_url("mlflow"),
+           "MLFLOW_ARTIFACTS": f"s3://{artifacts_bucket}/mlartifacts",
+           "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    env.pop("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", None)  # the script's default (false) applies
+    component = _start("mlflow-server", ["bash", str(CHECKOUT / "deploy" / "mlflow-server.sh")],
+                       folder / "mlflow.log", env=env)
     uri = f"http://127.0.0.1:{port}"
     _wait_until(component, lambda: _http_ok(f"{uri}/health"), "/health")
     return component, uri
