@@ -10,6 +10,7 @@ import contextlib
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
@@ -105,16 +106,19 @@ class Tracking:
         with tempfile.TemporaryDirectory() as scratch:
             folder = os.path.join(scratch, "sequence_model")
             model_artifact.save(model, folder)
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                loader_module=model_artifact.LOADER_MODULE,
-                data_path=folder,
-                signature=signature,
-                # no input_example: the signature (from a real prediction) says the shapes, and
-                # MLflow's example validation would reload the model in the training process
-                registered_model_name=self.registered_model_name,
-                pip_requirements=pip_requirements,
-            )
+            with warnings.catch_warnings():
+                # the signature above says the shapes; see the comment on input_example
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    loader_module=model_artifact.LOADER_MODULE,
+                    data_path=folder,
+                    signature=signature,
+                    # no input_example: the signature (from a real prediction) says the shapes, and
+                    # MLflow's example validation would reload the model in the training process
+                    registered_model_name=self.registered_model_name,
+                    pip_requirements=pip_requirements,
+                )
         version = str(info.registered_model_version)
         return f"models:/{self.registered_model_name}/{version}", version
 

@@ -88,5 +88,10 @@ def executor_for_environment(environ: Mapping[str, str] | None = None) -> dg.Exe
     except ImportError as error:
         raise ImportError(f"{EXECUTOR_ENV}=k8s needs dagster-k8s: pip install 'comic_pipeline[prod]'") from error
     path = env.get("COMIC_PIPELINE_K8S_EXECUTOR_CONFIG") or str(K8S_EXECUTOR_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{EXECUTOR_ENV}=k8s: no k8s_job_executor config at {path}; copy deploy/k8s-executor.yaml into "
+            "the image and point COMIC_PIPELINE_K8S_EXECUTOR_CONFIG at it"
+        )
     with open(path) as handle:
         return k8s_job_executor.configured(yaml.safe_load(handle), name="k8s_job_executor")
