@@ -21,8 +21,9 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """An in-process moto S3 server on 127.0.0.1 (a random free port)."""
-    moto_server = pytest.importorskip("moto.server")  # a test dependency: installed by make test
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    from moto.server import ThreadedMotoServer  # a test dependency (dev extra): never skipped
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
