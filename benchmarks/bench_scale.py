@@ -32,7 +32,7 @@ from comic_pipeline import embedding_store  # noqa: E402
 from comic_pipeline.defs.automation import new_comics_sensor  # noqa: E402
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource  # noqa: E402
 from comic_pipeline.defs.stage3 import comics_partitions  # noqa: E402
-from comic_pipeline_tests.prod.conftest import _start_postgres  # noqa: E402
+from comic_pipeline_tests.prod.servers import start_postgres  # noqa: E402
 
 
 class SimulatedStore:
@@ -113,7 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         pg_folder = tempfile.mkdtemp(prefix="bench-scale-pg-")
         os.chmod(pg_folder, 0o755)
-        postgres, port = _start_postgres(Path(pg_folder))
+        postgres, port = start_postgres(Path(pg_folder))
         try:
             postgres_db = {"hostname": "127.0.0.1", "port": port, "username": "postgres", "password": "",
                            "db_name": "postgres", "scheme": "postgresql+psycopg2"}
