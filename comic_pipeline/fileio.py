@@ -10,10 +10,14 @@ A reader sees the old version of a file or folder or the new one, never a partia
   pointer `<folder>/_COMMIT.json` naming the version (and its files) is written last, with a
   conditional write (If-Match / If-None-Match) so that two writers never lose track of a version.
   Readers resolve a folder with `committed_directory`; an uncommitted version is never read.
+- a folder others read in its plain layout (a Stage 3 Zarr group): `publish_directory` stages it
+  and copies it into place data first, metadata (zarr.json) last.
+- content-addressed files: `write_bytes_if_absent`, a conditional create (one winner).
 """
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import os
@@ -283,7 +287,7 @@ def remove_uncommitted_versions(final_url: str, older_than_s: float = 3600.0) ->
         if name == committed:
             continue
         try:
-            started = time.mktime(time.strptime(name.split("-")[0], "%Y%m%dT%H%M%S")) - time.timezone
+            started = calendar.timegm(time.strptime(name.split("-")[0], "%Y%m%dT%H%M%S"))  # names are UTC
         except ValueError:
             continue
         if now - started >= older_than_s:
