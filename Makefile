@@ -8,12 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test dev mlflow bench clean home
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch lies on disk; pin it first so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# the tested pins (constraints.txt, Python 3.11); the prod extra: the prod tests need it
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,prod]'
 	touch $(STAMP)
 
 install: $(STAMP)

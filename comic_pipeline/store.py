@@ -451,7 +451,7 @@ def create_native_store(url: str, *, dim: int, max_panels: int, max_boxes: int =
     attrs = {"format": FORMAT, "version": VERSION, "dim": int(dim), "max_panels": int(max_panels)}
     if max_boxes:
         attrs["max_boxes"] = int(max_boxes)
-    with fileio.atomic_directory(url) as tmp_url:
+    with fileio.publish_directory(url) as tmp_url:
         root = zarr.open_group(tmp_url, mode="w", zarr_format=3, attributes=attrs)
         root.create_group(COMICS_GROUP)
 
@@ -483,7 +483,7 @@ def write_native_comic(url: str, comic_id: str, *, page_ids: Sequence[str], titl
     attrs = {"page_ids": page_ids, "title": title}
     if folder != name:
         attrs["name"] = name
-    with fileio.atomic_directory(fileio.join(url, COMICS_GROUP, folder)) as tmp_url:
+    with fileio.publish_directory(fileio.join(url, COMICS_GROUP, folder)) as tmp_url:
         group = zarr.open_group(tmp_url, mode="w", zarr_format=3, attributes=attrs)
         for array, values in arrays.items():
             group.create_array(array, data=values, chunks=page_chunks(values.shape, values.itemsize))

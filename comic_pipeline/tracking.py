@@ -9,8 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Mapping
+
+import numpy as np
+
+from comic_pipeline import model_artifact
 
 CHAMPION_ALIAS = "champion"
 
@@ -84,31 +90,43 @@ class Tracking:
         return f"{self.ui_url.rstrip('/')}/#/experiments/{self.experiment_id()}/runs/{run_id}"
 
     def log_and_register_model(self, model, input_example, pip_requirements: list[str]) -> tuple[str, str]:
-        """Log `model` to the active run and register it; returns (model_uri, version)."""
-        import mlflow.pytorch
+        """Log `model` to the active run as weights + config (no pickle) and register it.
 
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            input_example=input_example,
-            registered_model_name=self.registered_model_name,
-            pip_requirements=pip_requirements,
-            # pickle keeps the SequenceModel class (its encode/score methods); pt2 export would
-            # reduce it to a traced forward() only.
-            serialization_format="pickle",
-        )
+        The python_function flavor names our loader module (comic_pipeline.model_artifact), so
+        `mlflow.pyfunc.load_model("models:/<name>@champion")` works where comic_pipeline is
+        installed, and nothing in the artifact is code. Returns (model_uri, version).
+        """
+        import mlflow.pyfunc
+        from mlflow.models import infer_signature
+
+        signature = None
+        if input_example is not None:
+            example = np.asarray(input_example, dtype=np.float32)
+            signature = infer_signature(example, model_artifact.SequenceModelPyfunc(model).predict(example))
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = os.path.join(scratch, "sequence_model")
+            model_artifact.save(model, folder)
+            with warnings.catch_warnings():
+                # the signature above says the shapes; see the comment on input_example
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    loader_module=model_artifact.LOADER_MODULE,
+                    data_path=folder,
+                    signature=signature,
+                    # no input_example: the signature (from a real prediction) says the shapes, and
+                    # MLflow's example validation would reload the model in the training process
+                    registered_model_name=self.registered_model_name,
+                    pip_requirements=pip_requirements,
+                )
         version = str(info.registered_model_version)
         return f"models:/{self.registered_model_name}/{version}", version
 
     def load_model(self, version: str, map_location: str = "cpu"):
-        import mlflow
-        import mlflow.pytorch
-
-        mlflow.set_registry_uri(self.tracking_uri)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return mlflow.pytorch.load_model(
-            f"models:/{self.registered_model_name}/{version}", map_location=map_location
-        )
+        """The SequenceModel of a registered version (or alias URI suffix like '@champion')."""
+        reference = version if version.startswith("@") else f"/{version}"
+        return load_model_uri(f"models:/{self.registered_model_name}{reference}", self.tracking_uri,
+                              map_location=map_location)
 
     def run_id_of(self, version: str) -> str:
         return self.client().get_model_version(self.registered_model_name, version).run_id
@@ -140,6 +158,27 @@ class Tracking:
         self.client().log_artifact(run_id, local_path, artifact_path)
 
 
+def load_model_uri(model_uri: str, tracking_uri: str, map_location: str = "cpu"):
+    """Download a model logged by `Tracking.log_and_register_model` (e.g.
+    `models:/comic-sequence-model@champion`) and build it from weights + config: no unpickling,
+    no code from the artifact. A model of another kind (an old pickled one) is a clear error."""
+    import mlflow
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch)
+        flavor = Model.load(local).flavors.get("python_function", {})
+        if flavor.get("loader_module") != model_artifact.LOADER_MODULE or "data" not in flavor:
+            raise model_artifact.ModelArtifactError(
+                f"{model_uri} was not logged as weights + config (python_function loader "
+                f"{flavor.get('loader_module')!r}); pickled models are not loaded — retrain to register "
+                "a safe version"
+            )
+        return model_artifact.load(os.path.join(local, flavor["data"]), map_location=map_location)
+
+
 def code_version() -> str:
     """The checkout's git sha (with '-dirty' for local changes), or 'unknown' outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -159,7 +198,8 @@ def code_version() -> str:
 
 def model_requirements() -> list[str]:
     """What a logged model needs to load elsewhere (given, so MLflow does not infer it slowly)."""
-    import numpy
+    import safetensors
     import torch
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}",
+            f"safetensors=={safetensors.__version__}"]

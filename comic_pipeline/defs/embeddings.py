@@ -13,6 +13,7 @@ from comic_pipeline.defs.keys import (
 )
 from comic_pipeline.defs.refs import ModelRef
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
+from comic_pipeline.defs.k8s import gpu_op_tags
 
 
 class EmbeddingConfig(dg.Config):
@@ -26,6 +27,7 @@ class EmbeddingConfig(dg.Config):
     deps=[STAGE3_PANEL_EMBEDDINGS],
     ins={"champion": dg.AssetIn(CHAMPION_MODEL)},
     pool="gpu",
+    op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
     description=(
         "Per comic: contextualized panel embeddings and strip (page) embeddings from the "

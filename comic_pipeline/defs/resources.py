@@ -11,6 +11,7 @@ from pydantic import Field
 
 from comic_pipeline import fileio, home
 from comic_pipeline.defs import refs
+from comic_pipeline.defs.k8s import executor_for_environment
 from comic_pipeline.store import Stage3Store
 from comic_pipeline.tracking import Tracking
 from comic_pipeline.inference import configure_cpu_threads
@@ -185,4 +186,4 @@ def build_resources(storage: PipelineStorage | None = None) -> dict[str, dg.Conf
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(resources=build_resources(), executor=dg.multiprocess_executor)
+    return dg.Definitions(resources=build_resources(), executor=executor_for_environment())  # defs/k8s.py

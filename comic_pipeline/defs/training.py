@@ -17,6 +17,7 @@ from comic_pipeline.defs.resources import (
     MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice, profile,
 )
 from comic_pipeline.tracking import code_version, model_requirements
+from comic_pipeline.defs.k8s import gpu_op_tags
 
 
 class TrainingConfig(dg.Config):
@@ -65,6 +66,7 @@ def train_config_of(config: TrainingConfig) -> training.TrainConfig:
     group_name="training",
     ins={name: dg.AssetIn(key) for name, key in TASK_KEYS.items()},
     pool="gpu",
+    op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
     description=(
         "Trains the multi-task panel-sequence transformer on every generated task (heads score "
         "options against contextualized outputs; the strip embedding has its own objective). One "

@@ -1,0 +1,156 @@
+"""The production profile for real: Dagster's instance on PostgreSQL, the home and both Zarr stores
+on S3 (moto), MLflow through its tracking server (PostgreSQL backend, S3 artifacts)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass
+
+import dagster as dg
+import numpy as np
+import pytest
+from fsspec.core import url_to_fs
+
+from comic_pipeline import fileio, schema
+from comic_pipeline.definitions import defs
+from comic_pipeline.demo import graph_definitions
+from comic_pipeline.defs.lineage import latest_metadata
+from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
+from comic_pipeline.defs.tasks import TASK_KEYS
+from comic_pipeline.embedding_store import ContextualizedStore
+from comic_pipeline.tracking import load_model_uri
+
+pytestmark = pytest.mark.prod
+
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
+TINY_TRAINING = {"preset": "tiny", "epochs": 15, "warmup_steps": 20, "log_every": 100}
+N_COMICS = 24
+
+
+def postgres_instance_overrides(services) -> dict:
+    return {"storage": {"postgres": {"postgres_db": services.dagster_postgres_db()}}}
+
+
+def s3_resources(home_url: str, mlflow_uri: str) -> dict:
+    storage = PipelineStorage(home=home_url)
+    return {
+        "storage": storage,
+        "stage3": Stage3StoreResource(storage=storage),
+        "torch_device": TorchDevice(),
+        "mlflow_tracking": MLflowTracking(storage=storage, tracking_uri=mlflow_uri,
+                                          experiment_name="prod-s3", registered_model_name="comic-sequence-model"),
+    }
+
+
+def materialize(resources, instance, selection, run_config=None, tags=None):
+    return dg.materialize(assets=graph_definitions(defs()), resources=resources, selection=selection,
+                          instance=instance, run_config=run_config, tags=tags)
+
+
+def embed_range(instance_ref, home_url: str, mlflow_uri: str, comic_ids: list[str]) -> bool:
+    """One embedding run over `comic_ids`, in a process of its own (as a run worker would be)."""
+    with dg.DagsterInstance.from_ref(instance_ref) as instance:
+        result = materialize(s3_resources(home_url, mlflow_uri), instance, ["contextualized_embeddings"],
+                             tags={RANGE_START: comic_ids[0], RANGE_END: comic_ids[-1]})
+        return result.success
+
+
+@dataclass
+class S3Pipeline:
+    home: str
+    instance: dg.DagsterInstance
+    resources: dict
+    comic_ids: list[str]
+    services: object
+
+
+@pytest.fixture(scope="module")
+def s3_pipeline(prod_services):
+    home_url = f"s3://{prod_services.new_bucket('home')}/comic-pipeline"
+    resources = s3_resources(home_url, prod_services.mlflow_uri)
+    with dg.instance_for_test(overrides=postgres_instance_overrides(prod_services)) as instance:
+        instance.wipe()  # the session's `dagster` database may hold another module's runs
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        materialize(resources, instance, ["stage3_store"],
+                    run_config={"ops": {"stage3_store": {"config": {"size": "tiny", "n_comics": N_COMICS}}}})
+        comic_ids = resources["stage3"].open().comic_ids()
+        instance.add_dynamic_partitions("comics", comic_ids)
+        keys = list(instance.get_dynamic_partitions("comics"))
+        assert materialize(resources, instance, ["stage3_panel_embeddings"],
+                           tags={RANGE_START: keys[0], RANGE_END: keys[-1]}).success
+        graph = dg.AssetSelection.assets("comic_splits", "sequence_model", "champion_model") | \
+            dg.AssetSelection.groups("tasks", "evaluation")
+        assert materialize(resources, instance, graph,
+                           run_config={"ops": {"sequence_model": {"config": TINY_TRAINING}}}).success
+        assert materialize(resources, instance, ["contextualized_embeddings"],
+                           tags={RANGE_START: keys[0], RANGE_END: keys[-1]}).success
+        yield S3Pipeline(home_url, instance, resources, comic_ids, prod_services)
+
+
+def test_every_file_the_graph_wrote_is_on_s3_under_the_home(s3_pipeline):
+    instance = s3_pipeline.instance
+    splits_path = latest_metadata(instance, dg.AssetKey("comic_splits"))["path"]
+    assert splits_path.startswith(s3_pipeline.home + "/")
+    task_paths = [latest_metadata(instance, key).get("path") for key in TASK_KEYS.values()
+                  if instance.get_latest_materialization_event(key) is not None]
+    assert task_paths and all(str(p).startswith(s3_pipeline.home + "/") for p in task_paths if p)
+    for path in filter(None, task_paths):
+        dataset = schema.load_task_dataset(path)  # the npz on S3 reads back whole
+        assert dataset.splits
+    fs, root = url_to_fs(s3_pipeline.home)
+    fs.invalidate_cache()
+    leftovers = [p for p in fs.find(root) if "/.tmp-" in p]
+    assert leftovers == []  # no temporary sibling survives on S3
+
+
+def test_champion_alias_is_set_through_the_tracking_server_and_loads(s3_pipeline):
+    tracking = s3_pipeline.resources["mlflow_tracking"].tracking()
+    assert tracking.tracking_uri == s3_pipeline.services.mlflow_uri
+    champion = tracking.champion_version()
+    assert champion is not None
+    model = load_model_uri("models:/comic-sequence-model@champion", tracking.tracking_uri)
+    assert model.config.d_model > 0
+
+
+def test_embeddings_land_on_s3_and_read_back(s3_pipeline):
+    url = s3_pipeline.resources["storage"].contextualized_url()
+    assert url.startswith("s3://")
+    store = ContextualizedStore.open(url)
+    validated = sorted(s3_pipeline.comic_ids)
+    assert store.comic_ids() == validated
+    champion = s3_pipeline.resources["mlflow_tracking"].tracking().champion_version()
+    assert set(store.model_versions().values()) == {champion}
+    comic = store.read(validated[0])
+    assert comic.panel_embeddings.shape[:2] == comic.panel_mask.shape
+    assert not np.any(comic.panel_embeddings[~comic.panel_mask])
+    assert np.isfinite(comic.strip_embeddings).all()
+    # each comic group on S3 is one committed version, nothing else
+    for comic_id in validated[:3]:
+        group = fileio.join(url, "comics", comic_id)
+        record = fileio.read_commit(group)
+        fs, versions = url_to_fs(fileio.join(group, fileio.VERSIONS_NAME))
+        assert [p.rpartition("/")[2] for p in fs.ls(versions, detail=False)] == [record["version"]]
+
+
+def test_two_embedding_runs_over_overlapping_comics_at_once_stay_correct(s3_pipeline):
+    ids = s3_pipeline.comic_ids
+    keys = list(s3_pipeline.instance.get_dynamic_partitions("comics"))
+    ranges = [keys[:6], keys[3:9]]  # 3 comics written by both runs at once
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        outcomes = pool.starmap(embed_range, [(s3_pipeline.instance.get_ref(), s3_pipeline.home,
+                                               s3_pipeline.services.mlflow_uri, r) for r in ranges])
+    assert outcomes == [True, True]
+    url = s3_pipeline.resources["storage"].contextualized_url()
+    store = ContextualizedStore.open(url)
+    assert store.comic_ids() == sorted(ids)
+    fs, _ = url_to_fs(url)
+    for comic_id in ids:
+        comic = store.read(comic_id)
+        assert comic.panel_embeddings.shape[:2] == comic.panel_mask.shape
+        assert np.isfinite(comic.strip_embeddings).all()
+        group = fileio.join(url, "comics", comic_id)
+        _, versions = url_to_fs(fileio.join(group, fileio.VERSIONS_NAME))
+        fs.invalidate_cache()
+        # every displaced version was deleted: one committed version per comic, none half-made
+        assert [p.rpartition("/")[2] for p in fs.ls(versions, detail=False)] == [fileio.read_commit(group)["version"]]
