@@ -318,15 +318,15 @@ def comics_table(rows: Sequence[ScoreRow], extra_notes: Sequence[str] = ()) -> s
         ours = [r for r in rows if r.fold == fold]
         column = COLUMN[ours[0].kind]
         lines.append(f"\n{fold} ({ours[0].kind}; published column {column!r})")
-        lines.append(f"  {'method':<58} {'acc %':>6} {'95% CI (books)':>16} {'rows':>6} {'books':>6}")
+        lines.append(f"  {'method':<66} {'acc %':>6} {'95% CI (books)':>16} {'rows':>6} {'books':>6}")
         for r in ours:
             interval = f"[{100 * r.low:5.1f}, {100 * r.high:5.1f}]" if not math.isnan(r.low) else "-"
-            lines.append(f"  {r.group + ': ' + r.method:<58} {100 * r.accuracy:6.1f} {interval:>16} "
+            lines.append(f"  {r.group + ': ' + r.method:<66} {100 * r.accuracy:6.1f} {interval:>16} "
                          f"{r.n_rows:6d} {r.n_books:6d}")
         for model, columns in PUBLISHED.items():
             value = columns[column]
             if value is not None:
-                lines.append(f"  {'published (Iyyer et al. 2017): ' + model:<58} {value:6.1f} "
+                lines.append(f"  {'published (Iyyer et al. 2017): ' + model:<66} {value:6.1f} "
                              f"{'':>16} {'test fold':>13}")
     lines.append("\nCaveats:")
     lines.extend(f"  - {note}" for note in (*CAVEATS, *extra_notes))
