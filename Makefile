@@ -6,14 +6,14 @@ export COMIC_PIPELINE_HOME ?= $(CURDIR)/.comic_pipeline
 export DAGSTER_HOME := $(COMIC_PIPELINE_HOME)/dagster
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test dev bench clean home
+.PHONY: install demo test dev bench clean home comics
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch lies on disk; pin it first so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,comics]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +27,11 @@ demo: install home
 
 test: install
 	$(PY) -m pytest
+
+# COMICS real-data benchmark (README "Real comics: COMICS"): fold files from COMICS_FOLDS (comma-separated).
+COMICS_FOLDS ?= $(shell ls ../shared/data/comics/*.csv 2>/dev/null | paste -sd, -)
+comics: install
+	$(PY) -m comic_pipeline.comics_run --folds "$(COMICS_FOLDS)" $(COMICS_ARGS)
 
 dev: install home
 	$(VENV)/bin/dagster dev -w workspace.yaml
