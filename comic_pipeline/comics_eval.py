@@ -15,6 +15,7 @@ never the context), each with a 95% interval from a bootstrap over books.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -60,6 +61,21 @@ def book_splits(book_ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1,
     names = {book: comic_name_of_book(book) for book in book_ids}
     of_name = tasks.assign_splits(sorted(set(names.values())), fractions=fractions)
     return {book: of_name[name] for book, name in names.items()}
+
+
+def kfold_splits(comic_ids: Sequence[str], k: int, part: int, salt: str = "comics-kfold-v1") -> dict[str, str]:
+    """comic -> split for part `part` of k-fold by book: test = the comics whose stable hash falls
+    in bucket `part`; of the others, ~1/9 are val (stable hash) and the rest train. Over the k
+    parts every comic is a test comic exactly once."""
+    if k < 2 or not 0 <= part < k:
+        raise ValueError(f"k-fold needs k >= 2 and 0 <= part < k, got k={k}, part={part}")
+    inner = tasks.assign_splits(comic_ids, fractions=(8, 1, 0), salt=salt + "/val")
+    splits = {}
+    for comic_id in comic_ids:
+        digest = hashlib.sha256(f"{salt}\x00{comic_id}".encode()).digest()
+        bucket = int.from_bytes(digest[:8], "big") % k
+        splits[comic_id] = "test" if bucket == part else inner[comic_id]
+    return splits
 
 
 def book_texts(rows: Sequence[FoldRow]) -> dict[str, set[str]]:
@@ -292,6 +308,22 @@ def book_bootstrap_interval(correct: np.ndarray, books: np.ndarray, *, n_boot: i
 
 
 @dataclass
+class Scored:
+    """Per-row outcomes of one method on one fold file (one split, or one of k folds)."""
+
+    fold: str  # fold file
+    kind: str
+    method: str
+    group: str  # "model" | "label-free" | "option-only"
+    correct: np.ndarray  # (n,) bool
+    books: np.ndarray  # (n,) str
+
+
+def scored(fold: str, arrays: RowArrays, method: str, predictions: np.ndarray, group: str) -> Scored:
+    return Scored(fold, arrays.kind, method, group, np.asarray(predictions) == arrays.labels, arrays.books)
+
+
+@dataclass
 class ScoreRow:
     fold: str  # fold file
     kind: str
@@ -301,14 +333,23 @@ class ScoreRow:
     accuracy: float
     low: float
     high: float
-    group: str  # "model" | "label-free" | "option-only" | "published"
+    group: str  # "model" | "label-free" | "option-only"
 
 
-def score_row(fold: str, arrays: RowArrays, method: str, predictions: np.ndarray, group: str) -> ScoreRow:
-    correct = np.asarray(predictions) == arrays.labels
-    low, high = book_bootstrap_interval(correct, arrays.books)
-    return ScoreRow(fold, arrays.kind, method, arrays.n, len(set(arrays.books)),
-                    float(correct.mean()) if arrays.n else math.nan, low, high, group)
+def summarize(outcomes: Sequence[Scored]) -> list[ScoreRow]:
+    """One table row per (fold file, method): outcomes of several k-fold parts are pooled, so
+    every row of every book counts once."""
+    pooled: dict[tuple[str, str, str], list[Scored]] = {}
+    for outcome in outcomes:
+        pooled.setdefault((outcome.fold, outcome.group, outcome.method), []).append(outcome)
+    rows = []
+    for (fold, group, method), parts in pooled.items():
+        correct = np.concatenate([p.correct for p in parts])
+        books = np.concatenate([p.books for p in parts])
+        low, high = book_bootstrap_interval(correct, books)
+        rows.append(ScoreRow(fold, parts[0].kind, method, int(correct.size), len(set(books.tolist())),
+                             float(correct.mean()) if correct.size else math.nan, low, high, group))
+    return rows
 
 
 def comics_table(rows: Sequence[ScoreRow], extra_notes: Sequence[str] = ()) -> str:

@@ -46,6 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--encoder-device", default="cpu")
+    parser.add_argument("--kfold", type=int, default=0,
+                        help="k-fold by book (e.g. 5): k trainings, every row scored once by a model "
+                             "that never saw its book; 0 = the graph's own split")
     return parser.parse_args(argv)
 
 
@@ -84,13 +87,45 @@ def run(args: argparse.Namespace, log=print) -> dict:
         except Stage3StoreError as error:
             log(f"[comics] comic {comic_id!r} left out: {error}")
 
-    # 4. book-level splits (comic_splits)
-    split_of = tasks.assign_splits(valid)
-    counts = {s: sum(1 for c in valid if split_of[c] == s) for s in schema.SPLITS}
-    log(f"[comics] books per split: {counts}")
-
-    # 5. task datasets (tasks/*)
     features = store.load_features(valid)
+    if args.kfold:
+        parts = [(f"fold {i + 1}/{args.kfold}", comics_eval.kfold_splits(valid, args.kfold, i))
+                 for i in range(args.kfold)]
+    else:  # 4. book-level splits, exactly as the comic_splits asset assigns them
+        parts = [("graph split", tasks.assign_splits(valid))]
+    outcomes, notes, parts_summary = [], [], []
+    for label, split_of in parts:
+        log(f"[comics] {label}: books per split "
+            f"{ {s: sum(1 for c in valid if split_of[c] == s) for s in schema.SPLITS} }")
+        part = train_and_score(args, root, label, features, split_of, folds, encoder, log)
+        outcomes += part.pop("outcomes")
+        notes += [f"{label}: {note}" if args.kfold else note for note in part.pop("notes")]
+        parts_summary.append(part)
+    score_rows = comics_eval.summarize(outcomes)
+    table = comics_eval.comics_table(score_rows, notes)
+    for part in parts_summary:
+        log(f"\nInternal figures on the generated tasks, {part['label']} (test books; no published number):")
+        for task, figures in part["internal"].items():
+            log(f"  {task}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in figures.items()))
+    log("\nCOMICS: the test books' own candidate rows, scored verbatim" + table)
+    summary = {
+        "import": {k: v for k, v in report.to_dict().items() if k != "conflicts"},
+        "parts": parts_summary, "splits": parts_summary[0]["splits"],
+        "skipped_tasks": parts_summary[0]["skipped_tasks"], "training": parts_summary[0]["training"],
+        "comics": [asdict(r) for r in score_rows], "notes": notes,
+        "encoder": {"encoded": encoder.stats.encoded, "strings_per_s": encoder.stats.strings_per_s},
+        "seconds": time.perf_counter() - started,
+    }
+    fileio.atomic_write_bytes(fileio.join(root, "comics_results.json"),
+                              json.dumps(summary, indent=2, default=_jsonable).encode())
+    return summary
+
+
+def train_and_score(args, root, label, features, split_of, folds, encoder, log) -> dict:
+    """Steps 5-8 for one split: task datasets, training, internal figures, COMICS outcomes."""
+    counts = {s: sum(1 for c in split_of.values() if c == s) for s in schema.SPLITS}
+    # 5. task datasets (tasks/*)
     config = tasks.TaskConfig(seed=args.seed, samples_per_page=args.samples_per_page)
     datasets, skipped = {}, {}
     for task in schema.TASK_NAMES:
@@ -107,8 +142,9 @@ def run(args: argparse.Namespace, log=print) -> dict:
                                         batch_size=args.batch_size, seed=args.seed, log_every=100)
     trainable = {t: d for t, d in datasets.items() if d.n_samples("train") > 0}
     train_started = time.perf_counter()
+    checkpoints = fileio.join(root, "checkpoints", label.replace(" ", "-").replace("/", "of"))
     result = training.train(train_config, trainable, features, device=args.device,
-                            checkpoint_dir=fileio.join(root, "checkpoints"), log=log)
+                            checkpoint_dir=checkpoints, log=log)
     train_seconds = time.perf_counter() - train_started
     log(f"[comics] trained {result.steps} steps in {train_seconds:.0f} s "
         f"({result.samples_per_s:,.0f} samples/s), best epoch {result.best_epoch}")
@@ -125,25 +161,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
                               "chance": datasets[task].attrs["chance"], "n": int(len(outputs["label"]))}
 
     # 8. the COMICS evaluation of the test books' own rows
-    score_rows, notes = comics_rows(folds, split_of, encoder, result, skipped, seed=args.seed, log=log)
-    table = comics_eval.comics_table(score_rows, notes)
-    log("\nInternal figures on the generated tasks (test books; no published number):")
-    for task, figures in internal.items():
-        log(f"  {task}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in figures.items()))
-    log("\nCOMICS: the test books' own candidate rows, scored verbatim" + table)
-    summary = {
-        "import": {k: v for k, v in report.to_dict().items() if k != "conflicts"},
-        "splits": counts, "skipped_tasks": skipped, "internal": internal,
-        "training": {"steps": result.steps, "seconds": train_seconds, "best_epoch": result.best_epoch,
-                     "tasks": list(result.tasks), "config": train_config.to_dict()},
-        "comics": [asdict(r) for r in score_rows], "notes": notes,
-        "encoder": {"encoded": encoder.stats.encoded, "strings_per_s": encoder.stats.strings_per_s},
-        "seconds": time.perf_counter() - started,
-    }
-    fileio.atomic_write_bytes(fileio.join(root, "comics_results.json"),
-                              json.dumps(summary, indent=2, default=_jsonable).encode())
-    return summary
+    outcomes, notes = comics_outcomes(folds, split_of, encoder, result, skipped, seed=args.seed)
+    return {"label": label, "splits": counts, "skipped_tasks": skipped, "internal": internal,
+            "training": {"steps": result.steps, "seconds": train_seconds, "best_epoch": result.best_epoch,
+                         "tasks": list(result.tasks), "samples_per_s": result.samples_per_s,
+                         "config": train_config.to_dict()},
+            "outcomes": outcomes, "notes": notes}
 
 
 def _jsonable(value):
@@ -152,15 +175,16 @@ def _jsonable(value):
     return str(value)
 
 
-def comics_rows(folds, split_of_comic, encoder, result, skipped, *, seed=0, log=print):
-    """Score rows of every fold: model (when its head was trained), label-free, option-only."""
+def comics_outcomes(folds, split_of_comic, encoder, result, skipped, *, seed=0):
+    """Per-row outcomes on the test books of every fold file: the model (when its head was
+    trained), the label-free heuristics, the learned option-only baseline."""
     all_rows = [row for fold in folds for row in fold.rows]
     books = sorted({row.book_id for row in all_rows})
     split_of = {b: split_of_comic.get(comic_name_of_book(b), "left out") for b in books}
     texts = comics_eval.book_texts(all_rows)
     test_texts = set().union(*(texts[b] for b in books if split_of[b] == "test"))
     train_texts = set().union(*(texts[b] for b in books if split_of[b] == "train"))
-    score_rows, notes = [], []
+    outcomes, notes = [], []
     for fold in folds:
         test = [r for r in fold.rows if split_of[r.book_id] == "test"]
         if not test:
@@ -170,25 +194,25 @@ def comics_rows(folds, split_of_comic, encoder, result, skipped, *, seed=0, log=
         task = comics_eval.MODEL_TASK[fold.kind]
         if task in result.tasks:
             scores = comics_eval.model_option_scores(result.model, arrays)
-            score_rows.append(comics_eval.score_row(fold.name, arrays, f"ours ({task} head, text only)",
+            outcomes.append(comics_eval.scored(fold.name, arrays, f"ours ({task} head, text only)",
                                                     scores.argmax(1), "model"))
         else:
             why = skipped.get(task, "no train samples")
             notes.append(f"{fold.name}: the model has no trained {task} head ({why}), so no model row")
         for name, predictions in comics_eval.baseline_predictions(arrays, seed=seed).items():
-            score_rows.append(comics_eval.score_row(fold.name, arrays, name, predictions, "label-free"))
+            outcomes.append(comics_eval.scored(fold.name, arrays, name, predictions, "label-free"))
         train_rows, dropped = comics_eval.training_rows(fold.rows, split_of, test_texts)
         if train_rows:
             train_arrays = comics_eval.row_arrays(train_rows, encoder)
             predictions = comics_eval.option_only_predictions(train_arrays, arrays, seed=seed)
-            score_rows.append(comics_eval.score_row(fold.name, arrays, "learned option-only (MLP, no context)",
+            outcomes.append(comics_eval.scored(fold.name, arrays, "learned option-only (MLP, no context)",
                                                     predictions, "option-only"))
         answers_seen = np.mean([any(s in train_texts for s in r.answer_boxes) for r in test])
         notes.append(f"{fold.name}: {len(test)} test rows of {len(set(r.book_id for r in test))} test books; "
                      f"option-only trained on {len(train_rows)} train-book rows ({dropped} dropped for "
                      f"quoting test-book text); {100 * answers_seen:.1f}% of test answers also occur "
                      "verbatim in train books (common phrases: 'UNK !' ...)")
-    return score_rows, notes
+    return outcomes, notes
 
 
 def main(argv=None) -> int:
