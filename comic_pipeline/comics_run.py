@@ -196,6 +196,7 @@ def comics_outcomes(folds, split_of_comic, encoder, result, skipped, *, seed=0):
             scores = comics_eval.model_option_scores(result.model, arrays)
             outcomes.append(comics_eval.scored(fold.name, arrays, f"ours ({task} head, text only)",
                                                     scores.argmax(1), "model"))
+            notes.extend(error_examples(arrays, scores.argmax(1)))
         else:
             why = skipped.get(task, "no train samples")
             notes.append(f"{fold.name}: the model has no trained {task} head ({why}), so no model row")
@@ -213,6 +214,20 @@ def comics_outcomes(folds, split_of_comic, encoder, result, skipped, *, seed=0):
                      f"quoting test-book text); {100 * answers_seen:.1f}% of test answers also occur "
                      "verbatim in train books (common phrases: 'UNK !' ...)")
     return outcomes, notes
+
+
+def _short(boxes, width: int = 48) -> str:
+    text = " / ".join(boxes) or "(no text)"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def error_examples(arrays: comics_eval.RowArrays, predictions, n: int = 3) -> list[str]:
+    """A few rows the model gets wrong, as notes: where, the context, what it picked, the truth."""
+    wrong = np.flatnonzero(np.asarray(predictions) != arrays.labels)[:n]
+    return [f"model error {row.source}:{row.line} (book {row.book_id}): context "
+            f"[{' | '.join(_short(b, 32) for b in row.context_boxes)}] picked "
+            f"'{_short(row.candidates[predictions[i]])}', true '{_short(row.answer_boxes)}'"
+            for i, row in ((i, arrays.rows[i]) for i in wrong)]
 
 
 def main(argv=None) -> int:
