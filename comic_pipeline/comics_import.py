@@ -21,9 +21,7 @@ panel with no boxes: its mean over no boxes is the zero vector); ``panel_mask``.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -32,9 +30,9 @@ import numpy as np
 
 from comic_pipeline import fileio
 from comic_pipeline.comics_folds import BOXES_PER_PANEL, CONTEXT_PANELS, Boxes, Fold, FoldRow
+from comic_pipeline.comic_names import ComicNameError, check_comic_name
 from comic_pipeline.store import (
     Stage3StoreError,
-    check_comic_id,
     create_native_store,
     write_native_comic,
 )
@@ -47,18 +45,14 @@ PanelKey = tuple[str, int, int]  # (book id, page id, panel id)
 
 
 # ------------------------------------------------------------------------------------------------
-# NAMING RULE HOOK (issue 11 changes the comic id rule): the ONE place that turns a COMICS book
-# id into a store comic name. Today a comic id must match store.COMIC_ID_PATTERN; COMICS book ids
-# are digits ("2946") and pass unchanged. Anything else is mapped to a valid id that keeps a
-# readable prefix and a hash of the original (the original stays the comic's title). When the
-# store accepts any name, this becomes `return book_id`.
+# The one place that turns a COMICS book id into a store comic name: the book id itself. The store
+# accepts any name and derives the partition key (comic_names.comic_key); COMICS ids are digits.
 # ------------------------------------------------------------------------------------------------
 def comic_name_of_book(book_id: str) -> str:
     try:
-        return check_comic_id(book_id)
-    except Stage3StoreError:
-        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", book_id).strip("._-")[:40] or "book"
-        return f"{readable}-{hashlib.sha256(book_id.encode()).hexdigest()[:8]}"
+        return check_comic_name(book_id)
+    except ComicNameError as error:
+        raise Stage3StoreError(f"COMICS book id {book_id!r} cannot name a comic: {error}") from None
 
 
 @dataclass(frozen=True)

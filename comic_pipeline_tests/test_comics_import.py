@@ -16,7 +16,8 @@ import pytest
 
 from comic_pipeline import comics_folds as cf
 from comic_pipeline import comics_import as ci
-from comic_pipeline.store import Stage3Store, check_comic_id
+from comic_pipeline.comic_names import comic_key
+from comic_pipeline.store import Stage3Store, Stage3StoreError
 from comic_pipeline.text_encoder import EncodeStats
 
 FIXTURES = Path(__file__).parent / "fixtures" / "comics"
@@ -197,5 +198,8 @@ def test_runs_of_consecutive_panels():
 
 def test_comic_name_of_book():
     assert ci.comic_name_of_book("2946") == "2946"
-    odd = ci.comic_name_of_book("Action Comics #1 (1938)")
-    assert check_comic_id(odd) == odd and odd != ci.comic_name_of_book("Action Comics #1 (1939)")
+    # any book id is kept as the name; the store derives distinct keys
+    assert ci.comic_name_of_book("Action Comics #1 (1938)") == "Action Comics #1 (1938)"
+    assert comic_key("Action Comics #1 (1938)") != comic_key("Action Comics #1 (1939)")
+    with pytest.raises(Stage3StoreError, match="cannot name a comic"):
+        ci.comic_name_of_book("  ")
