@@ -100,6 +100,10 @@ class CorpusConfig:
     fused_noise: float = 0.3
     seed: int = 0
     modalities: tuple[str, ...] = ("fused", "visual", "text", "caption")
+    # Opt-in planted positional trace (for audits): a fixed random unit vector per page slot,
+    # times this norm, added to every panel's visual, caption and text boxes (so to fused too).
+    # Real panels carry their page position (establishing shots, panel shapes); 0: none.
+    slot_signature: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +142,8 @@ class CorpusConfig:
             problems.append("modalities must include 'fused' (panel_embeddings is required)")
         if "text" in self.modalities and self.max_boxes < 1:
             problems.append("modality 'text' needs max_boxes >= 1")
+        if self.slot_signature < 0:
+            problems.append(f"slot_signature={self.slot_signature} must be >= 0")
         if problems:
             raise ValueError("CorpusConfig: " + "; ".join(problems))
 
@@ -208,6 +214,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
+def _slot_signatures(seed: int, max_panels: int, dim: int) -> np.ndarray:
+    """(P, D) a fixed random unit vector per slot, from its own stream (the corpus is unchanged
+    when the signature's norm is 0)."""
+    rng = np.random.default_rng([_WORLD_STREAM, seed, 0x5107])
+    return _unit(rng.standard_normal((max_panels, dim)))
+
+
 def _noise(rng: np.random.Generator, shape: tuple[int, ...], norm: float) -> np.ndarray:
     """Isotropic Gaussian noise whose expected norm along the last axis is about `norm`."""
     return rng.standard_normal(shape) * (norm / np.sqrt(shape[-1]))
@@ -266,6 +279,8 @@ def generate_comic(config: CorpusConfig, comic_index: int) -> GeneratedComic:
     )  # (pages, P, D) latent content of each panel
     visual = _unit(content @ enc.visual.T) + _noise(rng, (n_pages, P, D), config.visual_noise)
     caption = _unit(content @ enc.caption.T) + _noise(rng, (n_pages, P, D), config.caption_noise)
+    signature = config.slot_signature * _slot_signatures(config.seed, P, D)  # (P, D); 0 by default
+    visual, caption = visual + signature, caption + signature
 
     # --- dialogue: speakers cycle through the visible cast, topics follow the reply map --------
     n_boxes = np.where(rng.random((n_pages, P)) < config.silent_prob, 0,
@@ -281,7 +296,7 @@ def generate_comic(config: CorpusConfig, comic_index: int) -> GeneratedComic:
     box_latent = np.concatenate([SPEAKER_WEIGHT * characters[speaker], TOPIC_WEIGHT * topic],
                                 axis=-1)  # (pages, P, B, Dc + Da)
     text = _unit(box_latent @ enc.text.T) + _noise(rng, (n_pages, P, B, D), config.text_noise)
-    text = text * text_mask[..., None]
+    text = (text + signature[:, None, :]) * text_mask[..., None]
     mean_text = text.sum(axis=2) / np.maximum(n_boxes, 1)[..., None]  # (pages, P, D); 0 if silent
 
     fused = _unit(FUSED_VISUAL_WEIGHT * visual + FUSED_TEXT_WEIGHT * mean_text

@@ -13,14 +13,28 @@ from typing import Mapping
 import numpy as np
 
 from comic_pipeline import inference, metrics, schema, shortcuts
-from comic_pipeline.tasks import TASK_NAMES, spec_of
+from comic_pipeline.tasks import TASK_NAMES, slot_oracle_accuracy, spec_of
+
+
+class EvaluationSkipped(ValueError):
+    """The task cannot be evaluated on this split (e.g. no test samples); `reason` says why. The
+    other tasks go on: a caller records the reason instead of failing."""
+
+    def __init__(self, task: str, reason: str):
+        super().__init__(f"{task}: {reason}")
+        self.task = task
+        self.reason = reason
 
 
 @dataclass
 class TaskEvaluation:
     task: str
-    metrics: dict[str, float]  # accuracy, accuracy_ci_low/high, chance, best_shortcut, n_samples, ...
+    # accuracy, accuracy_ci_low/high, chance, best_shortcut, slot_oracle_accuracy, n_samples, and
+    # per variant accuracy_<v>, accuracy_<v>_ci_low/high, chance_<v>, best_shortcut_<v>, n_samples_<v>
+    metrics: dict[str, float]
     shortcut_accuracies: dict[str, float] = field(default_factory=dict)
+    ci_method: str = "cluster_bootstrap"  # how the intervals were made (metrics.accuracy_report)
+    variants: tuple[str, ...] = ()  # the task's variants, each gated on its own
 
     @property
     def best_shortcut_name(self) -> str:
@@ -31,9 +45,10 @@ class TaskEvaluation:
     def metadata(self) -> dict[str, object]:
         """Numeric metadata (so the UI plots them across retrains) + the shortcut table."""
         values: dict[str, object] = {
-            k: (int(v) if k == "n_samples" else round(float(v), 4)) for k, v in self.metrics.items()
+            k: (int(v) if k.startswith("n_samples") else round(float(v), 4)) for k, v in self.metrics.items()
         }
         values["best_shortcut_name"] = self.best_shortcut_name
+        values["ci_method"] = self.ci_method
         return values
 
 
@@ -41,54 +56,77 @@ def evaluate_task(
     model, dataset: schema.TaskDataset, features: schema.PageFeatures, *, split: str = "test",
     device: str = "auto", seed: int = 0, batch_size: int = 256,
 ) -> TaskEvaluation:
-    """Score `model` on `split` of `dataset`, with the shortcut heuristics on the same samples."""
+    """Score `model` on `split` of `dataset`, beside chance (from the dataset's own K) and the
+    shortcuts on the same samples; 95% intervals by a seeded bootstrap over comics.
+
+    Raises EvaluationSkipped when the split has no samples."""
     if dataset.n_samples(split) == 0:
-        raise ValueError(f"task {dataset.task!r} has no {split!r} samples to evaluate")
+        raise EvaluationSkipped(dataset.task, f"no {split!r} samples to evaluate")
     spec = spec_of(dataset.task)
+    samples = dataset.splits[split]
+    comics = np.asarray(dataset.comic_ids)[samples.page]  # (N,) the cluster of each sample
     outputs = inference.predict(model, dataset, features, split, device=device, batch_size=batch_size)
+    predictions = shortcuts.shortcut_predictions(dataset, features, split, seed=seed)
     if spec.family == "order":
         # Exact match is near zero for long pages whatever the model, so the gated "accuracy" is
-        # the per-page pairwise accuracy (chance 0.5), with a normal interval over pages (pairs
-        # within one page are not independent; pages are).
+        # the pairwise accuracy (chance 0.5): averaged over a page's shuffles first, then over
+        # pages, with an interval from resampling comics.
         predicted, order = outputs["predicted_order"], outputs["order"]
         report = metrics.reading_order_report(predicted, order)
-        per_page = metrics.pairwise_accuracy(predicted, order)
-        per_page = per_page[~np.isnan(per_page)]
-        half_width = 1.96 * per_page.std(ddof=1) / np.sqrt(len(per_page)) if len(per_page) > 1 else 1.0
+        page_mean, page_comic = _page_means(metrics.pairwise_accuracy(predicted, order), samples.page, comics)
+        low, high = metrics.cluster_bootstrap_interval(page_mean, page_comic, seed=seed)
         values = {
-            "accuracy": float(per_page.mean()),
-            "accuracy_ci_low": float(per_page.mean() - half_width),
-            "accuracy_ci_high": float(per_page.mean() + half_width),
-            "chance": 0.5,
+            "accuracy": float(page_mean.mean()), "accuracy_ci_low": low, "accuracy_ci_high": high,
+            "chance": spec.chance(),
             "kendall_tau": float(report["kendall_tau"]),
             "pairwise_accuracy": float(report["pairwise_accuracy"]),
             "exact_match": float(report["exact_match"]),
             "exact_match_chance": float(report["exact_match_chance"]),
         }
-        heuristics = {
-            name: float(np.nanmean(metrics.pairwise_accuracy(guess, order)))
-            for name, guess in shortcuts.shortcut_predictions(dataset, features, split, seed=seed).items()
-        }
+        heuristics = {name: float(np.nanmean(metrics.pairwise_accuracy(guess, order)))
+                      for name, guess in predictions.items()}
     else:
-        heuristics = shortcuts.shortcut_accuracies(dataset, features, split, seed=seed)
-        report = metrics.accuracy_report(  # chance from the dataset's own K
-            outputs["prediction"], outputs["label"], spec.chance(dataset.n_options or None)
-        )
-        values = {
-            "accuracy": report.accuracy,
-            "accuracy_ci_low": report.ci_low,
-            "accuracy_ci_high": report.ci_high,
-            "chance": report.chance,
-        }
-        if spec.variants:
-            variant = dataset.splits[split].variant
-            correct = outputs["prediction"] == outputs["label"]
-            for code, name in enumerate(spec.variants):
-                if (variant == code).any():
-                    values[f"accuracy_{name}"] = float(correct[variant == code].mean())
+        chance = spec.chance(dataset.n_options or None)
+        values = _accuracy_figures("", outputs["prediction"], outputs["label"], comics, chance, seed)
+        heuristics = {name: float(np.mean(chosen == samples.label)) for name, chosen in predictions.items()}
+        values["slot_oracle_accuracy"] = slot_oracle_accuracy(dataset, split)  # ties in expectation
+        # the learned option-only baseline (fit on train, no context) is a shortcut like the others
+        values["option_only_accuracy"] = heuristics["option_only"] = shortcuts.option_only_accuracy(
+            dataset, features, split)
+        for code, variant in enumerate(spec.variants):
+            rows = samples.variant == code
+            if not rows.any():
+                continue
+            values.update(_accuracy_figures(f"_{variant}", outputs["prediction"][rows], outputs["label"][rows],
+                                            comics[rows], chance, seed))
+            values[f"best_shortcut_{variant}"] = max(float(np.mean(chosen[rows] == samples.label[rows]))
+                                                     for chosen in predictions.values())
     values["best_shortcut"] = max(heuristics.values()) if heuristics else values["chance"]
     values["n_samples"] = float(dataset.n_samples(split))
-    return TaskEvaluation(dataset.task, values, dict(heuristics))
+    return TaskEvaluation(dataset.task, values, dict(heuristics), "cluster_bootstrap",
+                          tuple(v for v in spec.variants if f"accuracy_{v}" in values))
+
+
+def _accuracy_figures(suffix: str, prediction, label, comics, chance: float, seed: int) -> dict[str, float]:
+    report = metrics.accuracy_report(prediction, label, chance, clusters=comics, seed=seed)
+    figures = {f"accuracy{suffix}": report.accuracy, f"accuracy{suffix}_ci_low": report.ci_low,
+               f"accuracy{suffix}_ci_high": report.ci_high, "chance": report.chance}
+    if suffix:
+        figures = {**{k: v for k, v in figures.items() if k != "chance"}, f"chance{suffix}": report.chance,
+                   f"n_samples{suffix}": float(report.n_samples)}
+    return figures
+
+
+def _page_means(values: np.ndarray, page: np.ndarray, comics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of `values` per page (nan skipped) and the comic of each page."""
+    pages, index = np.unique(page, return_inverse=True)
+    defined = ~np.isnan(values)
+    sums = np.bincount(index[defined], weights=values[defined], minlength=len(pages))
+    counts = np.bincount(index[defined], minlength=len(pages))
+    first = np.zeros(len(pages), dtype=np.int64)
+    first[index[::-1]] = np.arange(len(index))[::-1]
+    keep = counts > 0
+    return (sums / np.maximum(counts, 1))[keep], comics[first][keep]
 
 
 def test_page_rows(datasets: Mapping[str, schema.TaskDataset], split: str = "test") -> np.ndarray:

@@ -1,6 +1,7 @@
 """Evaluation metrics of Stage 4 (DESIGN §6), pure numpy.
 
-- option tasks: accuracy with a Wilson 95% interval, beside chance;
+- option tasks: accuracy with a 95% interval beside chance: a cluster bootstrap over comics when
+  the samples' comics are given (samples of one comic are not independent), else Wilson;
 - reading order: Kendall's tau, pairwise accuracy and exact match per sample, PAD aware;
 - strip embeddings: cosine retrieval recall@k (view retrieval, same-comic retrieval).
 
@@ -47,23 +48,61 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half_width), min(1.0, centre + half_width)
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def cluster_bootstrap_interval(values, clusters, *, level: float = 0.95, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                               seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of the mean of `values` (N,) when whole clusters are resampled.
+
+    clusters (N,): the cluster (e.g. comic) of each value. Each resample draws as many clusters as
+    there are, with replacement, and takes the mean over all their values (a ratio estimator, so
+    big and small comics weigh by their samples). Seeded: the same inputs, the same interval.
+    No values: (nan, nan). One cluster says nothing about the spread between comics: (0.0, 1.0),
+    the whole range of an accuracy (nothing is claimed)."""
+    values = np.asarray(values, dtype=np.float64)
+    clusters = np.asarray(clusters)
+    if values.ndim != 1 or clusters.shape != values.shape:
+        raise ValueError(f"cluster_bootstrap_interval: values and clusters must both be (N,); got "
+                         f"{values.shape} and {clusters.shape}")
+    if not 0 < level < 1:
+        raise ValueError(f"cluster_bootstrap_interval: level must be in (0, 1), got {level}")
+    if values.size == 0:
+        return float("nan"), float("nan")
+    _, cluster_index = np.unique(clusters, return_inverse=True)
+    n_clusters = int(cluster_index.max()) + 1
+    if n_clusters < 2:
+        return 0.0, 1.0
+    sums = np.bincount(cluster_index, weights=values, minlength=n_clusters)  # (C,)
+    counts = np.bincount(cluster_index, minlength=n_clusters).astype(np.float64)  # (C,)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_resamples)  # (R, C)
+    means = (weights @ sums) / np.maximum(weights @ counts, 1e-12)  # (R,)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 @dataclass(frozen=True)
 class AccuracyReport:
     accuracy: float  # nan when there are no samples
-    ci_low: float  # Wilson 95% interval
+    ci_low: float  # 95% interval (ci_method)
     ci_high: float
     n_samples: int
     chance: float  # accuracy of a uniform guess
+    ci_method: str = "wilson"  # "wilson" | "cluster_bootstrap"
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
 
-def accuracy_report(predictions, labels, chance: float) -> AccuracyReport:
-    """Accuracy of option predictions with its 95% Wilson interval.
+def accuracy_report(predictions, labels, chance: float, *, clusters=None, seed: int = 0) -> AccuracyReport:
+    """Accuracy of option predictions with its 95% interval.
 
     predictions: (N,) chosen option index, or (N, K) option scores (argmax is taken).
     labels:      (N,) index of the true option.
+    clusters:    (N,) the comic of each sample: a seeded cluster bootstrap over comics; None:
+                 a Wilson interval (independent samples).
     """
     predictions = np.asarray(predictions)
     labels = np.asarray(labels)
@@ -76,13 +115,18 @@ def accuracy_report(predictions, labels, chance: float) -> AccuracyReport:
         raise ValueError(f"accuracy_report: {predictions.shape[0]} predictions for {labels.shape[0]} labels")
     n = int(labels.shape[0])
     correct = int(np.count_nonzero(predictions == labels))
-    low, high = wilson_interval(correct, n)
+    if clusters is None:
+        (low, high), method = wilson_interval(correct, n), "wilson"
+    else:
+        (low, high), method = cluster_bootstrap_interval(predictions == labels, clusters, seed=seed), \
+            "cluster_bootstrap"
     return AccuracyReport(
         accuracy=correct / n if n else float("nan"),
         ci_low=low,
         ci_high=high,
         n_samples=n,
         chance=float(chance),
+        ci_method=method,
     )
 
 

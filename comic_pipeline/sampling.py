@@ -238,10 +238,12 @@ class OptionSpace:
 
 
 def option_samples(table: PageTable, rng: np.random.Generator, draw: Draw, space: OptionSpace,
-                    n_options: int, policy: str, match: bool, *, easy_pool_size: int,
-                    page_window: int | None = None, same_slot: bool = False
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Options (n, K), labels (n,) and ok (n,) for every drawn sample, comic by comic.
+                   n_options: int, policy: str, match: bool, *, easy_pool_size: int,
+                   page_window: int | None = None, same_slot: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Options (n, K), labels (n,), ok (n,) and duplicates_context (n,) for every drawn sample,
+    comic by comic. ok is False where there are too few distractors or where the answer equals a
+    context panel by content (duplicates_context).
 
     same_slot: distractors only from the answer's own slot (on other pages), so an option's page
     position never tells which option is the answer (DESIGN §4)."""
@@ -273,6 +275,8 @@ def option_samples(table: PageTable, rng: np.random.Generator, draw: Draw, space
             pool = np.sort(candidate_flat[by_comic[comic_bounds[comic]:comic_bounds[comic + 1]]])
         else:  # easy: a seeded random pool from the other comics of the same split
             split_pool = split_pools[table.split[draw.rows[samples[0]]]]
+            if same_slot:  # only the slots this comic's answers stand at
+                split_pool = split_pool[np.isin(split_pool % P, draw.answer[samples])]
             if split_pool.size > easy_pool_size:
                 split_pool = split_pool[rng.choice(split_pool.size, size=easy_pool_size, replace=False)]
             pool = np.sort(split_pool[table.comic[split_pool // P] != comic])
@@ -295,7 +299,34 @@ def option_samples(table: PageTable, rng: np.random.Generator, draw: Draw, space
                                               n_pick, match)
         distractors[samples] = pool[picks] if pool.size else 0
         ok[samples] = comic_ok
+    # the answer visible in the context by content (a repeated panel): "pick the option that
+    # repeats a context panel" would solve such a sample, so it is dropped
+    duplicates_context = (context_content == answer_content[:, None]).any(axis=1)
+    ok &= ~duplicates_context
     options, label = place_answer(rng, answer_flat, distractors)
-    return options, label, ok
+    return options, label, ok, duplicates_context
 
 
+# --- the slot oracle -----------------------------------------------------------------------------
+def slot_oracle_scores(train_asked: np.ndarray, train_slots: np.ndarray, train_label: np.ndarray,
+                       asked: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(N, K) how a slot-only model rates each option: it knows the asked position and each
+    option's source slot, nothing else. Fit on train: how often an option at slot j is the answer
+    when position i is asked (a lookup table, Laplace-smoothed so unseen cells sit at chance).
+
+    *_asked (N,) asked slot; *_slots (N, K) each option's source slot; train_label (N,)."""
+    P = int(max(train_slots.max(initial=0), slots.max(initial=0), train_asked.max(initial=0),
+                asked.max(initial=0))) + 1
+    is_answer = np.arange(train_slots.shape[1])[None, :] == train_label[:, None]  # (N, K)
+    cell = np.broadcast_to(train_asked[:, None], train_slots.shape) * P + train_slots  # (N, K)
+    hits = np.bincount(cell.ravel(), weights=is_answer.ravel(), minlength=P * P)
+    seen = np.bincount(cell.ravel(), minlength=P * P)
+    rate = (hits + 1.0) / (seen + train_slots.shape[1])
+    return rate[np.broadcast_to(asked[:, None], slots.shape) * P + slots]  # (N, K)
+
+
+def expected_accuracy(scores: np.ndarray, label: np.ndarray) -> float:
+    """Accuracy of picking the best-scored option with ties broken uniformly, in expectation
+    (no tie-breaking noise: an uninformative scorer is exactly at chance)."""
+    best = scores >= scores.max(axis=1, keepdims=True)  # (N, K)
+    return float(np.mean(best[np.arange(len(label)), label] / best.sum(axis=1))) if len(label) else float("nan")

@@ -1,4 +1,5 @@
-"""The shortcut audit: label-free heuristics that answer a task without learning anything.
+"""The shortcut audit: label-free heuristics that answer a task without learning anything, and
+the slot oracle (fit on train; it knows only the asked position and each option's source slot).
 
 A task set is only worth training on when none of these beats chance by much: the prototype drew
 distractors from the same page with replacement, and "pick the option with no duplicate" or "pick
@@ -32,7 +33,8 @@ from comic_pipeline.schema import (
     TaskDataset,
     page_table_matches,
 )
-from comic_pipeline.tasks import TASK_NAMES, OptionTask, spec_of
+from comic_pipeline.sampling import expected_accuracy
+from comic_pipeline.tasks import TASK_NAMES, OptionTask, slot_oracle_scores, spec_of
 
 HEURISTICS: tuple[str, ...] = (
     "most_similar_to_context_mean",
@@ -40,6 +42,7 @@ HEURISTICS: tuple[str, ...] = (
     "most_similar_to_last_context",
     "least_similar_to_last_context",
     "duplicates_nothing",
+    "duplicates_context",  # the option that repeats a context panel by content
     "largest_norm",
     "smallest_norm",
     "odd_one_out",  # least like the other options
@@ -49,6 +52,8 @@ HEURISTICS: tuple[str, ...] = (
     "median_similarity_to_context_mean",
     "median_similarity_to_last_context",
 )
+# Fit on the train split, no context: knows only the asked position and each option's source slot
+SLOT_ORACLE = "slot_oracle"
 ORDER_HEURISTICS: tuple[str, ...] = ("keep_input_order", "nearest_neighbour_chain", "most_central_first")
 
 
@@ -162,6 +167,7 @@ class _OptionView:
             "most_similar_to_last_context": to_last,
             "least_similar_to_last_context": -to_last,
             "duplicates_nothing": -duplicates.astype(np.float64),
+            "duplicates_context": equal_context.any(axis=2).astype(np.float64),
             "largest_norm": norm,
             "smallest_norm": -norm,
             "odd_one_out": -to_others,
@@ -169,6 +175,54 @@ class _OptionView:
             "median_similarity_to_context_mean": nearest_median(to_mean),
             "median_similarity_to_last_context": nearest_median(to_last),
         }
+
+
+# --- the learned option-only baseline ------------------------------------------------------------
+def option_only_scores(dataset: TaskDataset, features: PageFeatures, split: str = "test", *,
+                       steps: int = 300, lr: float = 0.5, l2: float = 1e-3) -> np.ndarray:
+    """(N, K) scores of the learned option-only baseline on `split`: the "hypothesis-only" control.
+
+    A conditional logit fit on the train split that sees each option's vector (as the audit sees
+    it: fused/visual, mean text, first box shown) and the asked position, but no context:
+    score_k = <x_k, w + W[asked]>, full-batch gradient descent on the cross-entropy. It wins only
+    where options alone give the answer away (e.g. "what a panel at slot s looks like")."""
+    spec = spec_of(dataset.task)
+    if spec.family != "option":
+        raise ValueError(f"{dataset.task}: the option-only baseline is for option tasks")
+    samples = dataset.splits.get(split)
+    train = dataset.splits.get("train")
+    if samples is None or len(samples) == 0 or train is None or len(train) == 0:
+        return np.zeros((0 if samples is None else len(samples), dataset.n_options or spec.n_options))
+    P = dataset.max_panels
+
+    def inputs(of: OptionSamples) -> tuple[np.ndarray, np.ndarray]:
+        vectors = _unit(_OptionView(spec, dataset, features, of).vectors).astype(np.float64)  # (N, K, D)
+        return vectors, np.clip(spec.asked_slot(of, P), 0, P)
+
+    x, asked = inputs(train)
+    label = train.label.astype(np.int64)
+    N, K, D = x.shape
+    w, W = np.zeros(D), np.zeros((P + 1, D))
+    target = np.eye(K)[label]  # (N, K)
+    for _ in range(steps):
+        logits = np.einsum("nkd,nd->nk", x, w + W[asked])
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        g = np.einsum("nk,nkd->nd", p - target, x) / N  # (N, D) gradient wrt each sample's query
+        w -= lr * (g.sum(axis=0) + l2 * w)
+        W_grad = np.zeros_like(W)
+        np.add.at(W_grad, asked, g)
+        W -= lr * (W_grad + l2 * W)
+    x, asked = inputs(samples)
+    return np.einsum("nkd,nd->nk", x, w + W[asked])
+
+
+def option_only_accuracy(dataset: TaskDataset, features: PageFeatures, split: str = "test") -> float:
+    """Accuracy of the learned option-only baseline on `split` (nan without samples)."""
+    if dataset.n_samples(split) == 0:
+        return float("nan")
+    scores = option_only_scores(dataset, features, split)
+    return expected_accuracy(np.round(scores, 9), dataset.splits[split].label.astype(np.int64))
 
 
 def _reading_order_predictions(features: PageFeatures, samples: OrderSamples,
@@ -223,12 +277,16 @@ def shortcut_predictions(dataset: TaskDataset, features: PageFeatures, split: st
     rng = np.random.default_rng([seed, TASK_NAMES.index(dataset.task)])
     if samples is None:
         shape = (0, dataset.max_panels) if spec.family == "order" else (0,)
-        names = ORDER_HEURISTICS if spec.family == "order" else HEURISTICS
+        names = ORDER_HEURISTICS if spec.family == "order" else (*HEURISTICS, SLOT_ORACLE)
         return {name: np.zeros(shape, dtype=np.int64) for name in names}
     if spec.family == "order":
         return _reading_order_predictions(features, samples, rng)
     scores = _OptionView(spec, dataset, features, samples).scores()
-    return {name: _pick(score, rng) for name, score in scores.items()}
+    chosen = {name: _pick(score, rng) for name, score in scores.items()}
+    oracle = (np.concatenate([slot_oracle_scores(dataset, s) for s in SPLITS if dataset.n_samples(s)])
+              if split == "all" else slot_oracle_scores(dataset, split))
+    chosen[SLOT_ORACLE] = _pick(oracle, rng)
+    return chosen
 
 
 def _reading_order_chance(order: np.ndarray) -> float:

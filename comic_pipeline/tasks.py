@@ -20,7 +20,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from comic_pipeline import schema
+from comic_pipeline import sampling, schema
 from comic_pipeline.sampling import (
     Draw,
     OptionSpace,
@@ -30,6 +30,7 @@ from comic_pipeline.sampling import (
     last_before,
     masked_mean_unit,
     option_samples,
+    expected_accuracy,
     unit,
 )
 from comic_pipeline.schema import MASK, PAD, SPLITS, OptionSamples, OrderSamples, PageFeatures, TaskDataset
@@ -72,10 +73,10 @@ class TaskConfig:
     distractors: str = "hard"  # "hard" (same comic, other pages) | "easy" (other comics)
     match_similarity: bool = True  # False: distractors uniform among the eligible (prototype-like)
     hard_page_window: int = 3  # text_cloze hard: distractor pages at most this far away
-    easy_pool_size: int = 1024  # easy: candidates drawn from other comics, per comic
+    easy_pool_size: int = 4096  # easy: candidates drawn from other comics, per comic
     # distractors from the answer's own slot (on other pages / comics), so that an option's page
     # position never tells the answer (DESIGN §4); False: any slot (the old sampling, for audits)
-    slot_matched: bool = False
+    slot_matched: bool = True
 
     def __post_init__(self) -> None:
         if self.distractors not in ("hard", "easy"):
@@ -173,6 +174,14 @@ class OptionTask:
     def option_modality(self, available) -> str:
         """The modality distractors are matched and audited in."""
         return "text" if self.option_kind in ("text", "box_order") else self.option_modalities(available)[0]
+
+    def asked_slot(self, samples: OptionSamples, max_panels: int) -> np.ndarray:
+        """(N,) the page slot the model is asked about (what it sees of the answer's position)."""
+        if self.context_kind == "caption":
+            return samples.caption_of % max_panels + 1
+        if self.query == "mask":
+            return np.argmax(samples.context == MASK, axis=1)
+        return samples.context.max(axis=1).astype(np.int64) + 1  # right after the last context slot
 
     def required_fields(self) -> set[str]:
         fields = {"page", "context", "options", "label"}
@@ -405,9 +414,38 @@ def generate_task(task: str, features: PageFeatures, split_of_comic: Mapping[str
     attrs["samples"] = {split: int((sample_split == code).sum()) for code, split in enumerate(SPLITS)}
     attrs["pages"] = {split: int(np.unique(samples.page[sample_split == code]).size)
                       for code, split in enumerate(SPLITS)}
-    return TaskDataset(task=task, comic_ids=np.asarray(features.comic_ids),
-                       page_numbers=np.asarray(features.page_numbers, dtype=np.int32),
-                       max_panels=table.P, splits=splits, attrs=attrs)
+    dataset = TaskDataset(task=task, comic_ids=np.asarray(features.comic_ids),
+                          page_numbers=np.asarray(features.page_numbers, dtype=np.int32),
+                          max_panels=table.P, splits=splits, attrs=attrs)
+    if spec.family == "option":
+        dataset.attrs["slot_oracle_accuracy"] = slot_oracle_accuracy(dataset, "test")
+    return dataset
+
+
+def slot_oracle_scores(dataset: TaskDataset, split: str) -> np.ndarray:
+    """(N, K) the slot oracle's rating of each option on `split` (fit on train; see
+    sampling.slot_oracle_scores)."""
+    spec = spec_of(dataset.task)
+    if spec.family != "option":
+        raise ValueError(f"{dataset.task}: the slot oracle is for option tasks")
+    P = dataset.max_panels
+    samples = dataset.splits.get(split)
+    if samples is None or len(samples) == 0:
+        return np.zeros((0, dataset.n_options or spec.n_options))
+    train = dataset.splits.get("train")
+    if train is None or len(train) == 0:
+        train = samples
+    return sampling.slot_oracle_scores(spec.asked_slot(train, P), train.options % P,
+                                       train.label.astype(np.int64), spec.asked_slot(samples, P),
+                                       samples.options % P)
+
+
+def slot_oracle_accuracy(dataset: TaskDataset, split: str = "test") -> float:
+    """Accuracy of the slot oracle on `split`, ties broken uniformly in expectation (nan without
+    samples): at chance when an option's page position does not tell the answer."""
+    if dataset.n_samples(split) == 0:
+        return float("nan")
+    return round(expected_accuracy(slot_oracle_scores(dataset, split), dataset.splits[split].label), 4)
 
 
 def _option_space(spec: OptionTask, table: PageTable) -> OptionSpace:
@@ -450,24 +488,26 @@ def _option_task_samples(spec: OptionTask, table: PageTable, rng: np.random.Gene
 
     space = _option_space(spec, table)
     policies = spec.variants or (config.distractors,)
-    parts, skipped = [], 0
+    parts, skipped, duplicates = [], 0, 0
     for code, policy in enumerate(policies):
         draw = spec.draw(table, rng, per_page, modality if modality != "text" else panel_modality)
         window = config.hard_page_window if (spec.hard_page_window and policy == "hard") else None
-        options, label, ok = option_samples(table, rng, draw, space, n_options, policy,
-                                            config.match_similarity, easy_pool_size=config.easy_pool_size,
-                                            page_window=window, same_slot=config.slot_matched)
+        options, label, ok, duplicate = option_samples(
+            table, rng, draw, space, n_options, policy, config.match_similarity,
+            easy_pool_size=config.easy_pool_size, page_window=window, same_slot=config.slot_matched)
         part = OptionSamples(page=draw.rows.astype(np.int32), context=draw.context, options=options,
                              label=label, **draw.extra)
         if spec.variants:
             part.variant = np.full(len(part), code, dtype=np.int8)
         parts.append(part.take(ok))
-        skipped += int((~ok).sum())
+        skipped += int((~ok & ~duplicate).sum())
+        duplicates += int(duplicate.sum())
     samples = parts[0] if len(parts) == 1 else OptionSamples.concatenate(parts)
     if len(parts) > 1:
         samples = samples.take(np.argsort(samples.page, kind="stable"))  # page order, variants in turn
     attrs.update(distractor_policy="+".join(policies), similarity_matched=config.match_similarity,
-                 slot_matched=config.slot_matched, skipped_without_distractors=skipped)
+                 slot_matched=config.slot_matched, skipped_without_distractors=skipped,
+                 dropped_answer_in_context=duplicates)
     if spec.variants:
         attrs["variants"] = {name: code for code, name in enumerate(spec.variants)}
     if any(spec.hard_page_window and p == "hard" for p in policies):

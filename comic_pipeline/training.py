@@ -145,8 +145,14 @@ class TrainResult:
     samples_per_s: float  # training samples (all tasks + strip pages) per second of step time
     tasks: tuple[str, ...] = ()
     model_config: ModelConfig | None = None
-    fingerprint: str = ""
+    fingerprint: str = ""  # of config, data and code version (see training_fingerprint)
     stopped_early: bool = False
+    steps_this_run: int = 0  # 0 when a finished checkpoint of the same fingerprint was reused
+
+    @property
+    def reused_checkpoint(self) -> bool:
+        """Nothing was trained: a finished run of the same config, data and code was found."""
+        return self.resumed_from_epoch is not None and self.steps_this_run == 0
 
     @property
     def best_record(self) -> dict[str, float]:
@@ -195,10 +201,13 @@ class TrainState:
 
 
 def training_fingerprint(config: TrainConfig, model_config: ModelConfig,
-                         datasets: Mapping[str, TaskDataset], features: PageFeatures) -> str:
-    """A hash of everything that decides the trained weights (except the device)."""
+                         datasets: Mapping[str, TaskDataset], features: PageFeatures,
+                         code_version: str = "") -> str:
+    """A hash of everything that decides the trained weights (except the device): config, data
+    and the code version (a code fix retrains instead of resuming old weights)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([config.resolved().to_dict(), model_config.to_dict()], sort_keys=True).encode())
+    digest.update(json.dumps([config.resolved().to_dict(), model_config.to_dict(), code_version],
+                             sort_keys=True).encode())
     for task in sorted(datasets):
         digest.update(f"{task}:{datasets[task].fingerprint()}".encode())
     for name in ("comic_ids", "page_numbers", "panel_mask", *MODALITIES, "text_mask"):
@@ -259,10 +268,13 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def train(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: PageFeatures, *,
           device: str = "auto", checkpoint_dir: str | None = None,
           log: Callable[[str], None] = print,
-          on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          code_version: str = "") -> TrainResult:
     """Train one multi-task model on every task with train samples; return the best epoch's
     model by validation mean accuracy. Resumes from `checkpoint_dir` when it holds a checkpoint
-    of the same config and data. `on_epoch(epoch, metrics)` runs after each epoch's checkpoint."""
+    of the same config, data and `code_version` (TrainResult.fingerprint names all three: a
+    caller that finds it on an existing model version can skip registering a new one).
+    `on_epoch(epoch, metrics)` runs after each epoch's checkpoint."""
     config = config.resolved()
     configure_cpu_threads()
     torch_device, amp_dtype = resolve_device(device)
@@ -290,8 +302,8 @@ def train(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: Pa
         total_steps = min(total_steps, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate_factor(config, total_steps))
 
-    state = TrainState(training_fingerprint(config, model_config, {t: datasets[t] for t in tasks}, features),
-                       config.to_dict(), model_config.to_dict())
+    state = TrainState(training_fingerprint(config, model_config, {t: datasets[t] for t in tasks}, features,
+                                            code_version), config.to_dict(), model_config.to_dict())
     resumed_from = None
     checkpoint_url = fileio.join(checkpoint_dir, CHECKPOINT_NAME) if checkpoint_dir else None
     saved = TrainState.load(checkpoint_url, log) if checkpoint_url else None
@@ -315,7 +327,7 @@ def train(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: Pa
         f"{steps_per_epoch} steps/epoch, {total_steps} steps in all")
 
     samples_per_step = config.batch_size * len(tasks) + strip_batch
-    run_samples, run_seconds = 0, 0.0
+    run_samples, run_seconds, first_step = 0, 0.0, state.step
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if state.step >= total_steps or (config.patience and state.stale_epochs >= config.patience):
             break
@@ -409,7 +421,7 @@ def train(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: Pa
     return TrainResult(model=final, history=state.history, best_epoch=state.best_epoch,
                        resumed_from_epoch=resumed_from, steps=state.step, samples_per_s=samples_per_s,
                        tasks=tasks, model_config=model_config, fingerprint=state.fingerprint,
-                       stopped_early=stopped_early)
+                       stopped_early=stopped_early, steps_this_run=state.step - first_step)
 
 
 def validate(model: SequenceModel, batches: TaskBatches, tasks, val_pages: np.ndarray, config: TrainConfig,

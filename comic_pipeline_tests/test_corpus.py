@@ -162,3 +162,21 @@ def test_write_demo_store_round_trips(tmp_path):
     # writing again replaces the store rather than failing or appending
     assert corpus.write_demo_store(url, dataclasses.replace(config, n_comics=2)) == ids[:2]
     assert store.Stage3Store.open(url).comic_ids() == ids[:2]
+
+
+def test_an_opt_in_slot_signature_plants_a_positional_trace():
+    config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=6)
+    plain = corpus.corpus_features(config)
+    assert np.array_equal(corpus.corpus_features(dataclasses.replace(config, slot_signature=0.0)).fused,
+                          plain.fused)  # off by default, and off means the same corpus
+    signed = corpus.corpus_features(dataclasses.replace(config, slot_signature=0.5))
+    mask = plain.panel_mask
+    # the per-slot mean of the visual difference is the slot's signature: the same on every page
+    difference = (signed.visual - plain.visual)[mask]  # (panels, D)
+    slots = np.nonzero(mask)[1]
+    for slot in (0, 1):
+        rows = difference[slots == slot]
+        assert np.allclose(rows, rows[0], atol=1e-5) and np.isclose(np.linalg.norm(rows[0]), 0.5, atol=1e-4)
+    assert not np.allclose(difference[slots == 0][0], difference[slots == 1][0])
+    with pytest.raises(ValueError, match="slot_signature"):
+        dataclasses.replace(config, slot_signature=-1.0)

@@ -45,7 +45,7 @@ def test_accuracy_report_from_choices_and_scores():
     assert (report.ci_low, report.ci_high) == pytest.approx(metrics.wilson_interval(3, 5))
     scores = np.eye(4)[[0, 1, 2, 0, 1]]  # (5, 4) one-hot of the same choices
     assert metrics.accuracy_report(scores, labels, 0.25) == report
-    assert set(report.as_dict()) == {"accuracy", "ci_low", "ci_high", "n_samples", "chance"}
+    assert set(report.as_dict()) == {"accuracy", "ci_low", "ci_high", "n_samples", "chance", "ci_method"}
 
 
 def test_accuracy_report_errors_and_empty():
@@ -233,3 +233,26 @@ def test_same_comic_recall_planted_clusters_and_chance():
     assert result.chance == pytest.approx(np.mean(expected))
     random_strips = rng.normal(size=(22, 12))
     assert metrics.same_comic_recall_at_k(random_strips, comic_ids, k=2).recall < 1.0
+
+
+# --- cluster bootstrap --------------------------------------------------------------------------
+def test_cluster_bootstrap_is_wider_than_wilson_when_comics_differ_and_seeded():
+    rng = np.random.default_rng(0)
+    # 20 comics x 50 samples: a model right on all of half the comics and wrong on the rest is
+    # 50% accurate, but the 1000 samples are worth ~20 independent ones
+    clusters = np.repeat(np.arange(20), 50)
+    correct = (clusters % 2 == 0).astype(float)
+    low, high = metrics.cluster_bootstrap_interval(correct, clusters, seed=1)
+    w_low, w_high = metrics.wilson_interval(int(correct.sum()), correct.size)
+    assert low < 0.5 < high and (high - low) > 3 * (w_high - w_low)
+    assert metrics.cluster_bootstrap_interval(correct, clusters, seed=1) == (low, high)
+    # independent samples, one per comic: close to Wilson
+    values = (rng.random(2000) < 0.7).astype(float)
+    low, high = metrics.cluster_bootstrap_interval(values, np.arange(2000), seed=0)
+    w_low, w_high = metrics.wilson_interval(int(values.sum()), 2000)
+    assert abs(low - w_low) < 0.01 and abs(high - w_high) < 0.01
+    assert metrics.cluster_bootstrap_interval(np.ones(5), np.zeros(5)) == (0.0, 1.0)  # one comic
+    report = metrics.accuracy_report(np.zeros(1000, int), 1 - correct.astype(int), 0.5, clusters=clusters)
+    assert report.ci_method == "cluster_bootstrap" and report.accuracy == 0.5
+    with pytest.raises(ValueError, match="values and clusters"):
+        metrics.cluster_bootstrap_interval(np.ones(3), np.zeros(4))

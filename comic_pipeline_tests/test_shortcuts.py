@@ -31,7 +31,8 @@ def test_no_heuristic_beats_chance_by_more_than_10_points(demo, split):
     features, _, datasets = demo
     table = shortcuts.shortcut_table(datasets, features, split)
     assert set(table["task"]) >= set(TASK_NAMES)
-    assert set(table["heuristic"]) == set(shortcuts.HEURISTICS) | set(shortcuts.ORDER_HEURISTICS)
+    assert set(table["heuristic"]) == (set(shortcuts.HEURISTICS) | set(shortcuts.ORDER_HEURISTICS)
+                                       | {shortcuts.SLOT_ORACLE})
     assert (table["n"] >= 500).all(), "too few samples for the audit to mean anything"
     worst = table.loc[table["margin"].idxmax()]
     assert worst["margin"] <= MAX_MARGIN, (
@@ -58,6 +59,36 @@ def test_the_audit_catches_the_prototype_shortcuts(demo):
     options[distractor] = np.repeat(first_distractor, options.shape[1] - 1)
     test.options = options
     assert shortcuts.shortcut_accuracies(with_replacement, features, "test")["duplicates_nothing"] > 0.95
+
+
+def test_a_planted_slot_signature_is_flagged_with_any_slot_distractors_and_not_with_slot_matched():
+    """Real panels carry their page position. With a per-slot signature planted in every panel,
+    the slot oracle (asked position + option slots, fit on train) solves the old any-slot sampling
+    and is at chance once distractors come from the answer's slot."""
+    config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=60, slot_signature=0.5)
+    features = corpus.corpus_features(config)
+    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    for task in ("sequence_filling", "visual_closure", "text_closure", "caption_relevance", "text_cloze"):
+        old = tasks.generate_task(task, features, split_of, tasks.TaskConfig(slot_matched=False))
+        new = tasks.generate_task(task, features, split_of, tasks.TaskConfig())
+        chance = new.attrs["chance"]
+        flagged = shortcuts.shortcut_accuracies(old, features, "all")[shortcuts.SLOT_ORACLE]
+        assert flagged > chance + 0.3, (task, flagged)
+        matched = shortcuts.shortcut_accuracies(new, features, "all")[shortcuts.SLOT_ORACLE]
+        assert matched <= chance + 0.05, (task, matched)
+
+
+def test_the_learned_option_only_baseline_sees_the_planted_signature_only_with_any_slot_distractors():
+    config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=60, slot_signature=0.5)
+    features = corpus.corpus_features(config)
+    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    for task in ("visual_closure", "text_cloze"):
+        old = tasks.generate_task(task, features, split_of, tasks.TaskConfig(slot_matched=False))
+        new = tasks.generate_task(task, features, split_of, tasks.TaskConfig())
+        chance = new.attrs["chance"]
+        assert shortcuts.option_only_accuracy(old, features, "test") > chance + 0.3, task
+        # ~100 test samples: a standard error of ~5 points
+        assert shortcuts.option_only_accuracy(new, features, "test") <= chance + 0.1, task
 
 
 def test_ties_are_broken_at_random():

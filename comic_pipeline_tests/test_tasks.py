@@ -140,7 +140,8 @@ def test_answer_never_visible_in_the_context(datasets):
 def duplicated_features(features):
     """Features in which some panels of one page reappear (same content) on other pages."""
     copy = dataclasses.replace(features, fused=features.fused.copy(), text=features.text.copy(),
-                               text_mask=features.text_mask.copy())
+                               text_mask=features.text_mask.copy(), visual=features.visual.copy(),
+                               caption=features.caption.copy())
     rows = np.flatnonzero(features.comic_ids == features.comic_ids[0])
     for target in rows[1:]:
         copy.fused[target, 1] = copy.fused[rows[0], 0]  # repeated panel, e.g. a recap
@@ -177,6 +178,47 @@ def test_no_distractor_equals_the_answer_or_the_context_nor_another_option(task,
         if task in TEXT_OPTION_TASKS:  # silent context panels have no text to be equal to
             equal &= dup.text_mask[s["page"][:, None], np.maximum(context, 0), 0][:, None, :]
         assert not equal.any(), f"{task}/{policy}: an option equals a context panel"
+
+
+@pytest.mark.parametrize("policy", ["hard", "easy"])
+def test_distractors_stand_at_the_answer_slot(datasets, easy_datasets, policy):
+    """An option's page position never tells the answer: every distractor comes from the
+    answer's own slot, so a slot-only model is at chance (DESIGN §4)."""
+    chosen = datasets if policy == "hard" else easy_datasets
+    for task in DISTRACTOR_TASKS:
+        dataset = chosen[task]
+        s = all_samples(dataset)
+        slots = s["options"] % dataset.max_panels
+        assert (slots == slots[:, :1]).all(), f"{task}/{policy}: a distractor from another slot"
+        assert dataset.attrs["slot_matched"] is True
+        oracle = tasks.slot_oracle_accuracy(dataset, "test")
+        assert oracle == dataset.attrs["slot_oracle_accuracy"]
+        assert oracle == pytest.approx(dataset.attrs["chance"], abs=1e-3), (task, policy, oracle)
+
+
+def test_an_answer_equal_to_a_context_panel_by_content_is_dropped(features, split_of):
+    dup = duplicated_features(features)
+    repeated = np.flatnonzero(features.panel_mask.sum(axis=1) >= 4)
+    for name in ("fused", "visual", "caption"):  # a panel repeated on its own page (a recap)
+        getattr(dup, name)[repeated, 3] = getattr(dup, name)[repeated, 1]
+    dup.text[repeated, 3], dup.text_mask[repeated, 3] = dup.text[repeated, 1], dup.text_mask[repeated, 1]
+    for task in DISTRACTOR_TASKS:
+        dataset = tasks.generate_task(task, dup, split_of, tasks.TaskConfig(seed=1))
+        s = all_samples(dataset)
+        P = dataset.max_panels
+        answer = np.take_along_axis(s["options"], s["label"][:, None].astype(int), axis=1)
+        context = s["context"].astype(int)
+        if "caption_of" in s:
+            context = (s["caption_of"] % P)[:, None]
+        in_context = context >= 0
+        ctx_refs = s["page"][:, None].astype(np.int64) * P + np.maximum(context, 0)
+        equal = (option_content(dataset, dup, answer)[:, :, None]
+                 == option_content(dataset, dup, ctx_refs)[:, None, :]).all(axis=-1) & in_context[:, None, :]
+        if task in TEXT_OPTION_TASKS:  # silent context panels have no text to be equal to
+            equal &= dup.text_mask[s["page"][:, None], np.maximum(context, 0), 0][:, None, :]
+        assert not equal.any(), f"{task}: the answer repeats a context panel"
+    # the repeated panels are there to be dropped
+    assert tasks.generate_task("visual_closure", dup, split_of).attrs["dropped_answer_in_context"] > 0
 
 
 def test_the_answer_position_is_uniform_and_uncorrelated(features, split_of):
@@ -281,7 +323,8 @@ def test_pages_too_short_or_silent_are_skipped_not_padded(features, split_of):
     short.text_mask[1::4] = False  # and some pages have no text at all
     one_panel, silent = np.arange(short.n_pages)[::2], np.arange(short.n_pages)[1::4]
     for task in TASK_NAMES:
-        dataset = tasks.generate_task(task, short, split_of)
+        # any-slot distractors: this corpus has too few same-slot pages left for every task
+        dataset = tasks.generate_task(task, short, split_of, tasks.TaskConfig(slot_matched=False))
         s = all_samples(dataset)
         assert not np.isin(s["page"], one_panel).any(), f"{task} used a one-panel page"
         if task in ("text_closure", "text_cloze", "character_coherence"):

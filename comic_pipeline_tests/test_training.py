@@ -170,6 +170,11 @@ def test_interrupted_training_resumes_to_the_same_weights(small, tmp_path):
     # a finished run called again resumes at its end and trains no more
     again = train(config, datasets, features, device="cpu", checkpoint_dir=checkpoints, log=lambda line: None)
     assert again.resumed_from_epoch == 3 and again.steps == resumed.steps
+    assert again.reused_checkpoint and not resumed.reused_checkpoint and again.history == resumed.history
+    # other code does not resume this checkpoint: a code fix retrains
+    recoded = train(config, datasets, features, device="cpu", checkpoint_dir=checkpoints,
+                    log=lambda line: None, code_version="other")
+    assert recoded.resumed_from_epoch is None and recoded.fingerprint != again.fingerprint
     _assert_same_weights(again.model, uninterrupted.model)
 
     # another config does not resume from this checkpoint, and says why
