@@ -95,6 +95,11 @@ def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
 
 
 # --- encoders ---------------------------------------------------------------------------------
+# Torch CPU threads: the cores this process may use (not the host's), at most 16; --threads
+# overrides it (1 on a machine other processes share: torch's pool spin-waits).
+TORCH_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
+                           (os.cpu_count() or 1), 16))
+
 def build_encoder(stage3_url: str, force_projection: bool = False, preset: str = "demo"
                   ) -> tuple[Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], frozenset[str] | None, str]:
     """(encode, modalities to load, description). preset: the ModelConfig size."""
@@ -102,7 +107,7 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
 
     from comic_pipeline.store import Stage3Store
 
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+    torch.set_num_threads(TORCH_THREADS)
     stage3 = Stage3Store.open(stage3_url)
     if not force_projection:
         try:
@@ -362,7 +367,7 @@ def rss_worker(stage3_url: str, out_url: str, batch_pages: int, force_projection
 
 def measure_peak_rss(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--rss-worker", stage3_url, out_url,
-               "--batch-pages", str(batch_pages)] + (["--projection"] if force_projection else [])
+               "--batch-pages", str(batch_pages), "--threads", str(TORCH_THREADS)] + (["--projection"] if force_projection else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"RSS worker failed:\n{result.stderr[-4000:]}")
@@ -406,10 +411,14 @@ def main() -> None:
                         help="comics measured with the full-size model (it is slow on CPU)")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-io", action="store_true", help="skip figures (io) and (d)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
     parser.add_argument("--candidate-comics", type=int, default=200,
                         help="comics written by each output-store candidate in (d)")
     parser.add_argument("--rss-worker", nargs=2, metavar=("STAGE3_URL", "OUT_URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global TORCH_THREADS
+    if args.threads is not None:
+        TORCH_THREADS = max(1, args.threads)
     if args.rss_worker:
         rss_worker(*args.rss_worker, args.batch_pages, args.projection)
         return
@@ -421,7 +430,8 @@ def main() -> None:
         base_ids, base_what = write_stage3_store(base_url, args.base_comics)
         print(f"wrote {base_what} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-        rows.append(("corpus (1x)", f"{base_what}; batches of {args.batch_pages} pages"))
+        rows.append(("corpus (1x)", f"{base_what}; batches of {args.batch_pages} pages; "
+                                    f"{TORCH_THREADS} torch thread(s)"))
         presets = ["projection"] if args.projection else args.presets.split(",")
         for preset in presets:
             limit = args.full_comics if preset == "full" else None

@@ -100,9 +100,11 @@ def prefix_gap(mask: np.ndarray) -> tuple[int, ...] | None:
 
 def page_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     """Chunks of whole pages (first axis), CHUNK_TARGET_BYTES each at most (one page at least)."""
-    page_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
-    pages = int(np.clip(CHUNK_TARGET_BYTES // page_bytes, 1, max(1, shape[0])))
-    return (pages, *shape[1:])
+    page_bytes = itemsize
+    for size in shape[1:]:
+        page_bytes *= int(size)
+    pages = min(max(1, CHUNK_TARGET_BYTES // max(1, page_bytes)), max(1, int(shape[0])))
+    return (pages, *(int(size) for size in shape[1:]))
 
 
 # --- raw Zarr v3 -------------------------------------------------------------------------------
@@ -139,11 +141,11 @@ def array_files(name: str, data: np.ndarray) -> dict[str, bytes]:
             padded[: block.shape[0]] = block
             block = padded
         key = f"{name}/{index}" + (f".{rest}" if rest else "")
-        files[key] = block.tobytes()
+        files[key] = memoryview(np.ascontiguousarray(block)).cast("B")  # no copy of whole chunks
     return files
 
 
-def put_files(url: str, files: Mapping[str, bytes]) -> None:
+def put_files(url: str, files: Mapping[str, bytes | memoryview]) -> None:
     """Write `files` ({path relative to url: bytes}) under `url`; remote writes go out together."""
     base = local_path(url)
     if base is not None:
@@ -158,7 +160,7 @@ def put_files(url: str, files: Mapping[str, bytes]) -> None:
                 handle.write(data)
         return
     fs, path = url_to_fs(url)
-    fs.pipe({f"{path.rstrip('/')}/{relative}": data for relative, data in files.items()})  # concurrent on s3fs
+    fs.pipe({f"{path.rstrip('/')}/{relative}": bytes(data) for relative, data in files.items()})  # concurrent on s3fs
 
 
 def put_atomic(url: str, data: bytes) -> None:

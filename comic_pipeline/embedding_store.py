@@ -22,9 +22,9 @@ name, so no writer ever touches another's files), then replaces the pointer in O
 reads the pointer, then the version it names: the old comic or the new one, never a mix, never
 none. Concurrent writers of one comic both succeed (the last pointer wins; both versions are
 whole); writers of different comics never share a file. A crash leaves an unreferenced version
-that no reader sees; versions that are not current are deleted by later writes of that comic once
-older than GC_GRACE_SECONDS, long after any reader that saw them as current has finished (readers
-re-read the pointer if one vanishes anyway).
+that no reader sees; superseded versions are deleted by later writes of that comic once their
+successor has been current for GC_GRACE_SECONDS, long after any reader that saw them as current
+has finished (readers re-read the pointer if one vanishes anyway).
 
 Reading it without this module (Stage 5)::
 
@@ -92,7 +92,7 @@ def ensure_root(url: str, *, recheck: bool = False) -> None:
     Each zarr.json is written whole in one atomic step, so two processes creating the same new
     store both succeed and leave identical metadata.
     """
-    if url in _CHECKED_ROOTS and not recheck and read_json(fileio.join(url, "zarr.json")) is not None:
+    if url in _CHECKED_ROOTS and not recheck:
         return
     root = read_json(fileio.join(url, "zarr.json"))
     if root is None:
@@ -221,8 +221,9 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
 
 
 def collect_garbage(comic_url: str, *, grace_seconds: float = GC_GRACE_SECONDS) -> list[str]:
-    """Delete the versions of one comic that are not current and older than `grace_seconds`
-    (left by rewrites, concurrent writers or crashes), and stale temporary files. Returns them."""
+    """Delete the versions of one comic that readers can no longer be using: superseded ones once
+    the current version is `grace_seconds` old, newer uncommitted ones (crashes, lost races) once
+    they are; and stale temporary files. Returns what it deleted."""
     pointer = read_json(fileio.join(comic_url, "zarr.json")) or {}
     current = (pointer.get("attributes") or {}).get("current")
     fs, path = url_to_fs(comic_url)
@@ -231,6 +232,7 @@ def collect_garbage(comic_url: str, *, grace_seconds: float = GC_GRACE_SECONDS) 
     except FileNotFoundError:
         return []
     horizon = (time.time() - grace_seconds) * 1000
+    current_millis = _version_millis(current) if current else None
     removed = []
     for entry in entries:
         child = entry.rstrip("/").rpartition("/")[2]
@@ -240,8 +242,14 @@ def collect_garbage(comic_url: str, *, grace_seconds: float = GC_GRACE_SECONDS) 
                 stale = fs.info(entry).get("mtime", time.time()) < time.time() - grace_seconds
             except FileNotFoundError:
                 continue
-        else:
-            stale = millis is not None and child != current and millis < horizon
+        elif millis is None or child == current:
+            stale = False
+        elif current_millis is not None and millis < current_millis:
+            # superseded: keep it until its successor has been current for the grace period, so
+            # a reader that saw it as current moments ago can still read it
+            stale = current_millis < horizon
+        else:  # newer than the current one: a writer still at work, a crash, or a lost race
+            stale = millis < horizon
         if stale:
             try:
                 fs.rm(entry, recursive=True)
