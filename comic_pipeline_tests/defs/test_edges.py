@@ -3,6 +3,7 @@ refusals (and their reasons) and the stale-embedding check. No trained model nee
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import dagster as dg
@@ -14,6 +15,8 @@ from comic_pipeline.defs.embeddings import embeddings_made_by_champion
 from comic_pipeline.defs.keys import BLOCKING_GATES, SEQUENCE_MODEL, TASK_KEYS
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef, SplitsRef, TaskDatasetRef, TaskReport
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, RefIOManager
+
+from .conftest import make_home
 
 TASKS = ("sequence_filling", "reading_order", "caption_relevance")
 
@@ -112,3 +115,53 @@ def test_the_stale_check_without_embeddings_passes_and_says_so(tmp_path):
     result = embeddings_made_by_champion(context=dg.build_asset_check_context(),
                                          storage=PipelineStorage(home=str(tmp_path)), champion=_model())
     assert result.passed and result.metadata["note"].value == "no embeddings yet"
+
+
+def _registry_with_two_versions(storage: PipelineStorage, accuracies: dict[str, float]) -> MLflowTracking:
+    """An MLflow registry holding version 1 (champion, test accuracy 0.9 on every task) and version
+    2 (the candidate, logged with `accuracies`)."""
+    mlflow_tracking = MLflowTracking(storage=storage)
+    tracking = mlflow_tracking.tracking()
+    client = tracking.client()
+    client.create_registered_model(tracking.registered_model_name)
+    for version_accuracies in ({t: 0.9 for t in TASKS}, accuracies):
+        run_id = client.create_run(tracking.experiment_id()).info.run_id
+        for task, accuracy in version_accuracies.items():
+            client.log_metric(run_id, f"test_{task}_accuracy", accuracy)
+        client.create_model_version(tracking.registered_model_name, f"runs:/{run_id}/model", run_id=run_id)
+    tracking.set_champion("1")
+    return mlflow_tracking
+
+
+def _candidate(mlflow_tracking: MLflowTracking) -> ModelRef:
+    tracking = mlflow_tracking.tracking()
+    model = _model("2")
+    return dataclasses.replace(model, run_id=tracking.run_id_of("2"))
+
+
+def test_champion_model_blocks_a_regression_and_lists_every_comparison(tmp_path, migrated_mlflow_db):
+    storage = PipelineStorage(home=str(make_home(tmp_path / "home", migrated_mlflow_db)))
+    mlflow_tracking = _registry_with_two_versions(storage, {"sequence_filling": 0.7, "reading_order": 0.89})
+    candidate = _candidate(mlflow_tracking)
+    report = _report(candidate, accuracy=0.7)
+    report = dataclasses.replace(report, tasks={
+        **report.tasks, "reading_order": dataclasses.replace(
+            report.tasks["reading_order"], metrics={**report.tasks["reading_order"].metrics, "accuracy": 0.89})})
+    with pytest.raises(dg.Failure) as refused:
+        champion_model(context=dg.build_asset_context(), config=ChampionConfig(), storage=storage,
+                       mlflow_tracking=mlflow_tracking, model_ref=candidate, report=report)
+    reason = refused.value.description
+    assert "worse than champion 1 by more than 0.020 on 1 task(s) (sequence_filling -0.200)" in reason
+    assert "allow_regression: true" in reason
+    table = refused.value.metadata["comparisons"].value
+    assert "| sequence_filling | 0.900 | 0.700 | 0.200 | REGRESSION |" in table
+    assert "| reading_order | 0.900 | 0.890 | 0.010 | ok |" in table
+    assert mlflow_tracking.tracking().champion_version() == "1"
+
+    promoted = champion_model(context=dg.build_asset_context(),
+                              config=ChampionConfig(allow_regression=True), storage=storage,
+                              mlflow_tracking=mlflow_tracking, model_ref=candidate, report=report)
+    assert promoted.value == candidate and mlflow_tracking.tracking().champion_version() == "2"
+    metadata = {k: getattr(v, "value", v) for k, v in promoted.metadata.items()}
+    assert metadata["regressions_allowed"] == 1 and metadata["previous_champion"] == "1"
+    assert metadata["stale_comics"] == 0 and metadata["refresh"] == "nothing to refresh"

@@ -297,3 +297,19 @@ def test_a_comic_added_to_the_store_is_found_and_embedded(trained_pipeline):
     assert comic.attrs["model_version"] == pipeline.tracking().champion_version()
     assert comic.page_ids == new.page_ids
     assert isinstance(_evaluate_sensor(pipeline.instance, pipeline.resources), dg.SkipReason)
+
+
+def test_the_stale_check_is_requested_whenever_the_champion_moves(trained_pipeline):
+    """Whatever path materializes champion_model, the automation sensor's next evaluation requests
+    embeddings_made_by_champion (the daemon runs it; here it is evaluated directly)."""
+    pipeline = trained_pipeline
+    stale_check = dg.AssetCheckKey(dg.AssetKey("contextualized_embeddings"), "embeddings_made_by_champion")
+    selection = dg.AssetSelection.checks(stale_check)
+    first = dg.evaluate_automation_conditions(defs=defs(), instance=pipeline.instance, asset_selection=selection)
+    quiet = dg.evaluate_automation_conditions(defs=defs(), instance=pipeline.instance,
+                                              asset_selection=selection, cursor=first.cursor)
+    assert quiet.total_requested == 0  # nothing changed since the last evaluation
+    assert pipeline.materialize(["champion_model"]).success  # e.g. from the asset page
+    moved = dg.evaluate_automation_conditions(defs=defs(), instance=pipeline.instance,
+                                              asset_selection=selection, cursor=quiet.cursor)
+    assert moved.total_requested == 1  # the one check this selection holds
