@@ -240,8 +240,9 @@ def import_folds(folds: Sequence[Fold], store_url: str, encoder: TextEncoder, *,
     report.strings = len(strings)
     report.encoded = encoder.stats.encoded - encoded_before
     report.encode_seconds = encoder.stats.seconds - seconds_before
-    log(f"[comics] {len(strings)} distinct strings: {report.encoded} encoded "
-        f"({report.strings_per_s:.0f} strings/s), {len(strings) - report.encoded} from the cache")
+    speed = f" ({report.strings_per_s:.0f} strings/s)" if report.encoded else ""
+    log(f"[comics] {len(strings)} distinct strings: {report.encoded} encoded{speed}, "
+        f"{len(strings) - report.encoded} from the cache")
 
     create_native_store(store_url, dim=encoder.dim, max_panels=max_panels,
                         max_boxes=BOXES_PER_PANEL, overwrite=True)
