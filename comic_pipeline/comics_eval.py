@@ -27,7 +27,8 @@ import torch
 from comic_pipeline import tasks
 from comic_pipeline.comics_folds import BOXES_PER_PANEL, CHARACTER_COHERENCE, TEXT_CLOZE, FoldRow
 from comic_pipeline.comics_import import comic_name_of_book
-from comic_pipeline.model import KIND_PAD, KIND_PANEL, KIND_QUERY, SequenceModel
+from comic_pipeline.batching import KIND_PAD, KIND_PANEL, KIND_QUERY, OptionBatch
+from comic_pipeline.model import SequenceModel
 from comic_pipeline.text_encoder import TextEncoder
 
 # Iyyer et al. 2017 (CVPR), accuracy %, as in the data README. None: not reported.
@@ -156,8 +157,7 @@ def row_arrays(rows: Sequence[FoldRow], encoder: TextEncoder) -> RowArrays:
 def model_option_scores(model: SequenceModel, arrays: RowArrays, *, batch_size: int = 512) -> np.ndarray:
     """(n, K) option scores of the trained model on verbatim rows.
 
-    DEPENDENCY on the model API of today (model.task_logits with the dict batch of
-    model.task_inputs): context = 3 panels at positions 0..2 (every text modality the model has:
+    The rows become the model's own OptionBatch (batching.py): context = 3 panels at positions 0..2 (every text modality the model has:
     fused = mean of the boxes, and the boxes), a query token at position 3 that shows nothing else
     (text only: no visual of the answer panel exists), options = text only (boxes in the order of
     each candidate)."""
@@ -195,11 +195,11 @@ def model_option_scores(model: SequenceModel, arrays: RowArrays, *, batch_size: 
         option_mask = torch.zeros((B, arrays.option_text.shape[1], X), dtype=torch.bool)
         option_text[:, :, :width] = torch.as_tensor(arrays.option_text[part, :, :width])
         option_mask[:, :, :width] = torch.as_tensor(arrays.option_mask[part, :, :width])
-        batch = {"context": context, "kind": kind, "positions": torch.arange(L).expand(B, L),
-                 "query_index": torch.full((B,), 3, dtype=torch.long),
-                 "options": {"text": option_text, "text_mask": option_mask,
-                             "has_text": option_mask.any(-1)}}
-        out.append(model.task_logits(task, batch).float().cpu().numpy())
+        options = {"text": option_text, "text_mask": option_mask, "has_text": option_mask.any(-1)}
+        batch = OptionBatch(task, context, kind, torch.arange(L).expand(B, L),
+                            torch.full((B,), 3, dtype=torch.long), options,
+                            torch.as_tensor(arrays.labels[part], dtype=torch.long))
+        out.append(model.task_logits(batch).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, arrays.option_text.shape[1]), np.float32)
 

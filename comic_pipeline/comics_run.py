@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict
 
 import numpy as np
 
-from comic_pipeline import comics_eval, fileio, home, metrics, schema, tasks, training
+from comic_pipeline import comics_eval, fileio, home, inference, metrics, schema, tasks, training
 from comic_pipeline.comics_folds import ComicsFoldError, fold_paths, read_folds
 from comic_pipeline.comics_import import comic_name_of_book, import_folds
 from comic_pipeline.store import Stage3Store, Stage3StoreError
@@ -138,8 +137,8 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
         log(f"[comics] task {task}: samples {dataset.attrs['samples']}")
 
     # 6. training (sequence_model)
-    train_config = training.TrainConfig(preset=args.preset, epochs=args.epochs, max_steps=args.max_steps,
-                                        batch_size=args.batch_size, seed=args.seed, log_every=100)
+    train_config = training.TrainConfig.from_preset(args.preset, epochs=args.epochs, max_steps=args.max_steps,
+                                                    batch_size=args.batch_size, seed=args.seed, log_every=100)
     trainable = {t: d for t, d in datasets.items() if d.n_samples("train") > 0}
     train_started = time.perf_counter()
     checkpoints = fileio.join(root, "checkpoints", label.replace(" ", "-").replace("/", "of"))
@@ -152,8 +151,8 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
     # 7. internal figures on the generated tasks' test split (evaluation/*)
     internal = {}
     for task in result.tasks:
-        outputs = training.evaluate(result.model, datasets[task], features, "test", device=args.device)
-        if task == "reading_order":
+        outputs = inference.predict(result.model, datasets[task], features, "test", device=args.device)
+        if tasks.spec_of(task).family == "order":
             internal[task] = metrics.reading_order_report(outputs["predicted_order"], outputs["true_order"])
             internal[task]["chance_exact"] = datasets[task].attrs.get("chance")
         elif len(outputs["label"]):

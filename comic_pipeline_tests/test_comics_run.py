@@ -131,7 +131,7 @@ def test_book_bootstrap_interval():
 
 def test_model_scores_verbatim_rows_through_its_heads():
     torch.manual_seed(0)
-    config = ModelConfig.preset("tiny", dim=4, max_panels=5, max_boxes=3, modalities=("fused", "text"))
+    config = ModelConfig(dim=4, max_panels=5, max_boxes=3, modalities=("fused", "text"), d_model=32, n_layers=1, n_heads=2)
     model = SequenceModel(config)
     cloze = _arrays(cf.TEXT_CLOZE, [(("w1",), ("w2",), ("w3",))] * 2, [0, 2], [(("w1 a",), ("w0",), ())] * 2)
     scores = ce.model_option_scores(model, cloze)
@@ -142,7 +142,7 @@ def test_model_scores_verbatim_rows_through_its_heads():
     coherence = _arrays(cf.CHARACTER_COHERENCE, [(("w1 a", "w2 b"), ("w2 b", "w1 a"))], [0], [(("w3",), (), ())])
     order_scores = ce.model_option_scores(model, coherence)
     assert order_scores.shape == (1, 2) and order_scores[0, 0] != order_scores[0, 1]  # box order is seen
-    visual_only = SequenceModel(ModelConfig.preset("tiny", dim=4, max_panels=5, modalities=("visual",)))
+    visual_only = SequenceModel(ModelConfig(dim=4, max_panels=5, max_boxes=0, modalities=("visual",), d_model=32, n_layers=1, n_heads=2))
     with pytest.raises(ValueError, match="no text modality"):
         ce.model_option_scores(visual_only, cloze)
 
