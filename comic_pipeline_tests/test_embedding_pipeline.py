@@ -8,7 +8,6 @@ import pytest
 from comic_pipeline import embedding_pipeline as ep
 from comic_pipeline import embedding_store as es
 from comic_pipeline import store
-from comic_pipeline.schema import PageFeatures
 from comic_pipeline_tests.embedding_fakes import D_IN, P, comic_inputs, fake_encode, features_of
 
 

@@ -620,7 +620,7 @@ def test_legacy_record_without_a_folder_is_a_warning(tmp_path):
     _rewrite_metadata(metadata_url, lambda records: records[0].update(canonical_id="loose_page.jpg"))
     opened = Stage3Store.open(url, metadata_url)
     assert opened.comic_ids() == ["a"] and opened.comic("a").n_pages == 2
-    assert opened.warnings == [f"record 0: canonical_id 'loose_page.jpg' has no parent folder, so it "
+    assert opened.warnings == ["record 0: canonical_id 'loose_page.jpg' has no parent folder, so it "
                                "belongs to no comic"]
 
 
