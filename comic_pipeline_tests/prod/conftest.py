@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3fs import S3FileSystem
 
 from .servers import Component, start_mlflow, start_moto, start_postgres
 
@@ -80,6 +81,7 @@ def prod_services(tmp_path_factory):
         components.append(moto)
         os.environ.update(AWS_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                           AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        S3FileSystem.clear_instance_cache()  # fsspec caches clients per options, not per endpoint
         services = ProdServices(pg_port, endpoint, "", components)
         services.create_database("mlflow")
         services.create_database("dagster")
@@ -96,6 +98,7 @@ def prod_services(tmp_path_factory):
             component.stop()
         for cleanup in cleanups:
             cleanup()
+        S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
