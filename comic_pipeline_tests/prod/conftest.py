@@ -63,7 +63,7 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 
 
 @pytest.fixture(scope="session")
-def prod_services(tmp_path_factory):
+def prod_services(tmp_path_factory, pytestconfig):
     """PostgreSQL + moto S3 + mlflow server, for the whole session; the S3 endpoint and dummy
     credentials are exported (boto3/s3fs read AWS_ENDPOINT_URL) and restored afterwards."""
     folder = tmp_path_factory.mktemp("prod-services")
@@ -89,9 +89,16 @@ def prod_services(tmp_path_factory):
         mlflow_server, mlflow_uri = start_mlflow(folder, services, services.artifacts_bucket)
         components.append(mlflow_server)
         services.mlflow_uri = mlflow_uri
-        for component in components:
-            sys.stderr.write(f"\n[prod] {component.name} started {time.strftime('%H:%M:%S', time.gmtime(component.started_at))} UTC "
-                             f"(pid {component.process.pid}, log {component.log_path})")
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        for component in components:  # shown even when output is captured: what ran, and when
+            line = (f"[prod] {component.name} started {time.strftime('%H:%M:%S', time.gmtime(component.started_at))} "
+                    f"UTC (pid {component.process.pid}, process group ended at session end; log {component.log_path})")
+            capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+            if reporter is not None and capture is not None:
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
         yield services
     finally:
         for component in reversed(components):
