@@ -22,6 +22,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def s3_endpoint():
     """An in-process moto S3 server on 127.0.0.1 (a random free port)."""
     from moto.server import ThreadedMotoServer  # a test dependency (dev extra): never skipped
+    from s3fs import S3FileSystem
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -31,10 +32,12 @@ def s3_endpoint():
                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
                       AWS_DEFAULT_REGION="us-east-1")
+    S3FileSystem.clear_instance_cache()  # fsspec caches clients: one made for another endpoint must go
     try:
         yield endpoint
     finally:
         server.stop()
+        S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from s3fs import S3FileSystem
 
 from .servers import Component, start_mlflow, start_moto, start_postgres
 
@@ -62,7 +63,7 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 
 
 @pytest.fixture(scope="session")
-def prod_services(tmp_path_factory):
+def prod_services(tmp_path_factory, pytestconfig):
     """PostgreSQL + moto S3 + mlflow server, for the whole session; the S3 endpoint and dummy
     credentials are exported (boto3/s3fs read AWS_ENDPOINT_URL) and restored afterwards."""
     folder = tmp_path_factory.mktemp("prod-services")
@@ -80,6 +81,7 @@ def prod_services(tmp_path_factory):
         components.append(moto)
         os.environ.update(AWS_ENDPOINT_URL=endpoint, MLFLOW_S3_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test",
                           AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        S3FileSystem.clear_instance_cache()  # fsspec caches clients per options, not per endpoint
         services = ProdServices(pg_port, endpoint, "", components)
         services.create_database("mlflow")
         services.create_database("dagster")
@@ -87,15 +89,23 @@ def prod_services(tmp_path_factory):
         mlflow_server, mlflow_uri = start_mlflow(folder, services, services.artifacts_bucket)
         components.append(mlflow_server)
         services.mlflow_uri = mlflow_uri
-        for component in components:
-            sys.stderr.write(f"\n[prod] {component.name} started {time.strftime('%H:%M:%S', time.gmtime(component.started_at))} UTC "
-                             f"(pid {component.process.pid}, log {component.log_path})")
+        reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+        for component in components:  # shown even when output is captured: what ran, and when
+            line = (f"[prod] {component.name} started {time.strftime('%H:%M:%S', time.gmtime(component.started_at))} "
+                    f"UTC (pid {component.process.pid}, process group ended at session end; log {component.log_path})")
+            capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+            if reporter is not None and capture is not None:
+                with capture.global_and_fixture_disabled():
+                    reporter.write_line(line)
+            else:
+                sys.stderr.write(line + "\n")
         yield services
     finally:
         for component in reversed(components):
             component.stop()
         for cleanup in cleanups:
             cleanup()
+        S3FileSystem.clear_instance_cache()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
