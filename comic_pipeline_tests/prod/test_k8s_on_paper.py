@@ -4,7 +4,6 @@ Dagster would submit for the GPU step validates against the Kubernetes schema an
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 from unittest import mock

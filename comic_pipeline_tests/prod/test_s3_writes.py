@@ -33,12 +33,12 @@ def test_a_comic_rewrite_killed_midway_on_s3_leaves_the_old_comic(prod_services)
         import time
         import numpy as np
         from comic_pipeline import embedding_store
-        real = embedding_store._write_group
-        async def write_then_stall(location, arrays, attrs):
-            await real(location, arrays, attrs)  # every array and the attrs are on S3 ...
+        real = embedding_store.put_files
+        def write_then_stall(version_url, files):
+            real(version_url, files)  # the whole new version is on S3 ...
             print("WRITTEN-NOT-COMMITTED", flush=True)
-            time.sleep(600)  # ... and the process dies before the commit
-        embedding_store._write_group = write_then_stall
+            time.sleep(600)  # ... and the process dies before the commit (the pointer)
+        embedding_store.put_files = write_then_stall
         rng = np.random.default_rng(2)
         embedding_store.write_comic({url!r}, "Action Comics #1 (1938)",
             panel_embeddings=np.zeros((5, 4, 8), np.float32), strip_embeddings=np.zeros((5, 8), np.float32),
@@ -56,11 +56,12 @@ def test_a_comic_rewrite_killed_midway_on_s3_leaves_the_old_comic(prod_services)
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
     store = embedding_store.ContextualizedStore.open(url)
-    comic = store.read("Action Comics #1 (1938)")
+    key = store.key_of("Action Comics #1 (1938)")
+    comic = store.read(key)
     expected = _comic(1, 3)
     assert comic.attrs["model_version"] == "1" and comic.page_ids == expected["page_ids"]
     np.testing.assert_allclose(comic.strip_embeddings, expected["strip_embeddings"])
-    # the dead writer's version is on S3 but never committed; the sweep removes it
-    group = fileio.join(url, "comics", "Action Comics #1 (1938)")
-    assert fileio.remove_uncommitted_versions(group, older_than_s=0)
-    assert store.read("Action Comics #1 (1938)").attrs["model_version"] == "1"
+    # the dead writer's version is on S3 but never committed; the collector removes it
+    comic_url = fileio.join(url, "comics", key)
+    assert embedding_store.collect_garbage(comic_url, grace_seconds=0)
+    assert store.read(key).attrs["model_version"] == "1"
