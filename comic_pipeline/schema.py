@@ -1,4 +1,4 @@
-"""Shared vocabulary of Stage 4: modalities, task specs, in-memory page features, task datasets.
+"""Shared vocabulary of Stage 4: modalities, task names, page features, typed samples, task datasets.
 
 Every other domain module speaks these types. No dagster import here (DESIGN §2).
 

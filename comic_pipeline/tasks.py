@@ -113,16 +113,6 @@ class TaskConfig:
         return int(value) if value is not None else TASKS[task].n_options
 
 
-class TaskSkipped(Exception):
-    """The task cannot be generated from these features; `reason` says why."""
-
-    def __init__(self, task: str, reason: str):
-        super().__init__(f"{task}: {reason}")
-        self.task = task
-        self.reason = reason
-
-
-
 # --- the two families of tasks ----------------------------------------------------------------
 @dataclass(frozen=True)
 class OptionTask:
