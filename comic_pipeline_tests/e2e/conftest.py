@@ -2,12 +2,12 @@
 headless Chromium through Playwright, and step screenshots under test-output/e2e/.
 
 Why the home is seeded before the UI starts: on a fresh instance the `comics` partitions do not
-exist until `new_comics_sensor` finds the Stage 3 store, and it then requests one validation run
-per comic (48 runs, each its own process: minutes on two cores). The fixture plays Stage 3 and the
-sensor's first ticks instead: it writes the tiny demo store and registers its comics as partitions
-through the Python API. When the UI starts, the sensor finds nothing new and skips, and
-"Materialize all" in the browser is then what a user would click: one backfill over every comic and
-every unpartitioned asset.
+exist until `new_comics_sensor` finds the Stage 3 store (it then validates all new comics in one run
+per tick). The fixture plays Stage 3 and the sensor's first tick instead: it writes the tiny demo
+store and registers its comics as partitions through the Python API. When the UI starts, the sensor
+finds nothing new, and "Materialize all" in the browser is then what a user would click: one
+backfill over every comic and every unpartitioned asset. (Walking the empty-home path through the
+browser — stage3_store, the sensor's tick, retrain, stale view — is still to be written.)
 """
 
 from __future__ import annotations
