@@ -14,9 +14,11 @@ from fsspec.core import url_to_fs
 from comic_pipeline import fileio, schema
 from comic_pipeline.definitions import defs
 from comic_pipeline.demo import graph_definitions
-from comic_pipeline.defs.lineage import latest_metadata
-from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
-from comic_pipeline.defs.tasks import TASK_KEYS
+from comic_pipeline.defs.keys import TASK_KEYS
+from comic_pipeline.defs.report import materialization_metadata
+from comic_pipeline.defs.resources import (
+    MLflowTracking, PipelineStorage, RefIOManager, Stage3StoreResource, TorchDevice,
+)
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.tracking import load_model_uri
 
@@ -35,6 +37,7 @@ def postgres_instance_overrides(services) -> dict:
 def s3_resources(home_url: str, mlflow_uri: str) -> dict:
     storage = PipelineStorage(home=home_url)
     return {
+        "io_manager": RefIOManager(storage=storage),  # the refs on the edges land on S3 too
         "storage": storage,
         "stage3": Stage3StoreResource(storage=storage),
         "torch_device": TorchDevice(),
@@ -90,9 +93,9 @@ def s3_pipeline(prod_services):
 
 def test_every_file_the_graph_wrote_is_on_s3_under_the_home(s3_pipeline):
     instance = s3_pipeline.instance
-    splits_path = latest_metadata(instance, dg.AssetKey("comic_splits"))["path"]
+    splits_path = materialization_metadata(instance, dg.AssetKey("comic_splits"))["path"]
     assert splits_path.startswith(s3_pipeline.home + "/")
-    task_paths = [latest_metadata(instance, key).get("path") for key in TASK_KEYS.values()
+    task_paths = [materialization_metadata(instance, key).get("path") for key in TASK_KEYS.values()
                   if instance.get_latest_materialization_event(key) is not None]
     assert task_paths and all(str(p).startswith(s3_pipeline.home + "/") for p in task_paths if p)
     for path in filter(None, task_paths):
