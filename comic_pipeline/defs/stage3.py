@@ -115,8 +115,14 @@ def stage3_panel_embeddings(context: dg.AssetExecutionContext, stage3: Stage3Sto
         try:
             summary = store.comic(comic_id).validate()
         except (Stage3StoreError, OSError) as error:  # one bad comic never blocks the others
-            bad.append(quarantine.put(comic_id, _name_of(store, comic_id), str(error)))
+            record = quarantine.put(comic_id, _name_of(store, comic_id), str(error))
+            bad.append(record)
             context.log.error(f"quarantined {comic_id}: {error}")
+            # visible on the comic's partition in the UI (its events), beside its last good version
+            yield dg.AssetObservation(
+                asset_key=context.asset_key, partition=comic_id,
+                metadata={"quarantined": True, "comic": record.name, "error": record.error},
+            )
             continue
         quarantine.clear(comic_id)
         context.log.info(f"{summary.name} ({comic_id}): {summary.n_pages} pages, "

@@ -37,27 +37,31 @@ def test_named_legacy_store_with_a_bad_and_a_vanished_comic(tmp_path, migrated_m
 
     with dg.instance_for_test() as instance:
         pipeline = _pipeline(tmp_path, migrated_mlflow_db, instance, named.url, named.metadata_url)
-        # the sensor registers every comic under its key; the run carries the original name
+        # the sensor registers every comic under its key and validates them all in ONE run
         result = _sensor(pipeline)
         (added,) = result.dynamic_partitions_requests
         assert sorted(added.partition_keys) == sorted(named.keys())
-        assert {r.partition_key: r.tags["comic_name"] for r in result.run_requests} == {
-            key: name for key, name in named.keys().items() if key in {r.partition_key for r in result.run_requests}}
+        (run,) = result.run_requests
+        assert (run.tags[RANGE_START], run.tags[RANGE_END]) == (min(named.keys()), max(named.keys()))
         instance.add_dynamic_partitions("comics", sorted(named.keys()))
 
         pipeline.materialize(["stage3_store"])
         described = instance.get_latest_materialization_event(dg.AssetKey("stage3_store"))
         assert described.asset_materialization.metadata["comics"].value == 20
 
-        # one run validates all 20 comics: the bad one is quarantined, the other 19 go on
+        # one run validates all 20 comics: the bad one is quarantined, the other 19 go on, each
+        # with its own materialization carrying its original name
         keys = sorted(named.keys())
         result = pipeline.materialize(["stage3_panel_embeddings"], tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
         assert result.success
-        metadata = instance.get_latest_materialization_event(
-            dg.AssetKey("stage3_panel_embeddings")).asset_materialization.metadata
-        assert metadata["comics"].value == 19 and metadata["quarantined"].value == 1
-        assert bad_name in metadata["quarantined_comics"].value
-        assert "Tintin - L'Île noire" in metadata["summary"].value
+        materialized = {m.partition: m.metadata
+                        for m in result.asset_materializations_for_node("stage3_panel_embeddings")}
+        assert len(materialized) == 19 and comic_key(bad_name) not in materialized
+        tintin = "Tintin - L'Île noire"
+        assert materialized[comic_key(tintin)]["comic"].value == tintin
+        (observed,) = result.asset_observations_for_node("stage3_panel_embeddings")
+        assert observed.partition == comic_key(bad_name)
+        assert observed.metadata["comic"].value == bad_name and "NaN or Inf" in observed.metadata["error"].value
         (record,) = Quarantine(str(pipeline.home)).records().values()
         assert (record.comic_id, record.name) == (comic_key(bad_name), bad_name)
         assert record.error.startswith(f"comic {bad_name!r}, array 'panel_embeddings': 1 valid slot(s) "
