@@ -65,7 +65,9 @@ RESERVED_ATTRS = frozenset({
 })
 ROOT_ATTRS = {"format": FORMAT, "version": VERSION}
 GC_GRACE_SECONDS = 600.0  # a version that stopped being current is kept this long for readers
-READ_RETRIES = 3
+# A read re-reads the pointer when the version it named was collected meanwhile: only possible
+# with a grace period shorter than a read (tests use 0); each retry sees a newer commit.
+READ_RETRIES = 20
 
 
 def _check_root(url: str, root: dict | None) -> None:

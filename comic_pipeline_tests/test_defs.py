@@ -1,11 +1,11 @@
 """The real definitions load, validate, and hold what the design promises (DESIGN §1, §2)."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import dagster as dg
 
 from comic_pipeline import schema
 from comic_pipeline.definitions import defs
@@ -96,9 +96,11 @@ def test_gpu_assets_share_the_gpu_pool():
     assert pools["contextualized_embeddings"] == {"gpu"}
 
 
-def test_dagster_definitions_validate_passes():
+def test_dagster_definitions_validate_passes(tmp_path):
+    # its own empty instance: the test never depends on a home that another test or `make` made
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-        cwd=CHECKOUT, capture_output=True, text=True, timeout=300,
+        cwd=CHECKOUT, capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -2,12 +2,11 @@
 
 import dagster as dg
 import numpy as np
-import pytest
-
 import zarr
 
 from comic_pipeline import store as stage3_store_module
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource, build_resources
+from comic_pipeline.quarantine import Quarantine
 from comic_pipeline_tests.test_store import build_legacy_store
 
 from .conftest import Pipeline, make_home
@@ -71,7 +70,9 @@ def test_one_bad_comic_in_a_many_comic_run_leaves_the_others_validated(tmp_path,
                              Stage3StoreResource(storage=PipelineStorage(), url=url))
         instance.add_dynamic_partitions("comics", ["a-good", "b-bad", "c-good"])
         result = pipeline.materialize_all_comics(["stage3_panel_embeddings"], raise_on_error=False)
-        assert not result.success
-        error = str(result.failure_data_for_node("stage3_panel_embeddings").error)
-        assert "1 of 3 comics failed validation" in error and "b-bad" in error and "a-good" not in error
+        assert result.success  # the bad comic is quarantined, not a failed run for the good ones
+        (observed,) = result.asset_observations_for_node("stage3_panel_embeddings")
+        assert observed.partition == "b-bad"
+        assert "b-bad" in observed.metadata["error"].value and "panel_embeddings" in observed.metadata["error"].value
         assert instance.get_materialized_partitions(dg.AssetKey("stage3_panel_embeddings")) == {"a-good", "c-good"}
+        assert set(Quarantine(pipeline.resources["storage"].root()).records()) == {"b-bad"}
