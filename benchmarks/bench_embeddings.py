@@ -17,7 +17,7 @@ Figures (one table):
       the pure-compute half (backfill_pure_compute_seconds); the Dagster half is registered in
       DAGSTER_BACKFILL_HOOK by the Dagster layer's benchmark.
 
-Encoder: the real SequenceModel (random init, eval mode) through training.embed_pages when
+Encoder: the real SequenceModel (random init, eval mode) through inference.embed_pages when
 comic_pipeline.model/training exist — the "demo" preset on the whole corpus and the "full" preset
 (512/6/8) on a few comics for (a), "demo" for (b) and (c) — else a fixed random projection; the
 table says which. (a) is best-of-3 interleaved rounds, since a shared machine slows both alike.
@@ -112,7 +112,7 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
     if not force_projection:
         try:
             from comic_pipeline import model as model_module
-            from comic_pipeline import training
+            from comic_pipeline import inference
 
             modalities = tuple(sorted(stage3.modalities()))
             config = model_module.ModelConfig.preset(
@@ -123,7 +123,7 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
             sequence_model = model_module.SequenceModel(config).eval()
 
             def encode(features: PageFeatures):
-                return training.embed_pages(sequence_model, features, device="cpu")
+                return inference.embed_pages(sequence_model, features, device="cpu")
 
             return encode, frozenset(modalities), (f"SequenceModel {preset} (d_model {config.d_model}, "
                                                   f"{config.n_layers} layers), random init, CPU")

@@ -35,7 +35,8 @@ from comic_pipeline.batching import TaskBatches  # noqa: E402
 from comic_pipeline.inference import autocast, configure_cpu_threads, resolve_device  # noqa: E402
 from comic_pipeline.model import SequenceModel  # noqa: E402
 from comic_pipeline.schema import TASK_NAMES  # noqa: E402
-from comic_pipeline.training import TrainConfig, make_optimizer, train  # noqa: E402
+from comic_pipeline.train_config import TrainConfig  # noqa: E402
+from comic_pipeline.training import make_optimizer, train  # noqa: E402
 
 SIZES = {
     # corpus config, train config, steps (CPU default)

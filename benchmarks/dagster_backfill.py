@@ -139,7 +139,7 @@ def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[s
                       device: str = "auto") -> float:
     """Seconds of embed_and_write over the same comics with the champion model, as the asset's
     body does it (lazy inputs with all modalities, content hash validated on load), minus Dagster."""
-    from comic_pipeline import embedding_pipeline, training
+    from comic_pipeline import embedding_pipeline, inference
     from comic_pipeline.store import Stage3Store
 
     version = tracking.champion_version()
@@ -149,7 +149,7 @@ def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[s
     comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in comic_ids]
     started = time.perf_counter()
     written = embedding_pipeline.embed_and_write(
-        out_url, comics, encode=lambda features: training.embed_pages(model, features, device=device),
+        out_url, comics, encode=lambda features: inference.embed_pages(model, features, device=device),
         batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,
         mlflow_run_id=run_id,
     )

@@ -26,6 +26,7 @@ from comic_pipeline.comics_folds import ComicsFoldError, fold_paths, read_folds
 from comic_pipeline.comics_import import comic_name_of_book, import_folds
 from comic_pipeline.store import Stage3Store, Stage3StoreError
 from comic_pipeline.text_encoder import TextEncoder, TextEncoderError
+from comic_pipeline.train_config import TrainConfig
 
 
 def comics_home(base: str | None = None) -> str:
@@ -137,7 +138,7 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
         log(f"[comics] task {task}: samples {dataset.attrs['samples']}")
 
     # 6. training (sequence_model)
-    train_config = training.TrainConfig.from_preset(args.preset, epochs=args.epochs, max_steps=args.max_steps,
+    train_config = TrainConfig.from_preset(args.preset, epochs=args.epochs, max_steps=args.max_steps,
                                                     batch_size=args.batch_size, seed=args.seed, log_every=100)
     trainable = {t: d for t, d in datasets.items() if d.n_samples("train") > 0}
     train_started = time.perf_counter()

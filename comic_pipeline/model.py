@@ -47,7 +47,7 @@ from comic_pipeline.tasks import OPTION_TASKS
 
 @dataclass
 class ModelConfig:
-    """The model's shape. Named sizes (with the training settings) live in training.PRESETS."""
+    """The model's shape. Named sizes (with the training settings) live in train_config.PRESETS."""
 
     dim: int  # D, the input embedding dimension of every modality
     max_panels: int  # P, panel slots per page

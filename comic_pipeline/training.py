@@ -26,18 +26,17 @@ import torch
 
 from comic_pipeline import fileio, metrics
 from comic_pipeline.batching import TaskBatches
-from comic_pipeline.inference import (  # noqa: F401 - embed_pages: callers of training.embed_pages
+from comic_pipeline.inference import (
     autocast,
     batch_strip_views,
     configure_cpu_threads,
-    embed_pages,
     resolve_device,
     run_task,
 )
 from comic_pipeline.model import ModelConfig, SequenceModel
 from comic_pipeline.schema import MODALITIES, PageFeatures, TaskDataset
 from comic_pipeline.tasks import TASK_NAMES
-from comic_pipeline.train_config import PRESET_NAMES, PRESETS, TrainConfig  # noqa: F401 - the API
+from comic_pipeline.train_config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 

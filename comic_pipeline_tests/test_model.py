@@ -29,7 +29,7 @@ from comic_pipeline.model import (
 )
 from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, PageFeatures, TaskDataset
 from comic_pipeline.tasks import TASKS
-from comic_pipeline.training import TrainConfig
+from comic_pipeline.train_config import TrainConfig
 
 
 # --- a synthetic problem -----------------------------------------------------------------------

@@ -16,7 +16,8 @@ from comic_pipeline.inference import embed_pages, strip_views
 from comic_pipeline.inference import predict as evaluate
 from comic_pipeline.schema import PAD, TASK_NAMES
 from comic_pipeline.tasks import TASKS
-from comic_pipeline.training import PRESETS, TrainConfig, train
+from comic_pipeline.train_config import PRESETS, TrainConfig
+from comic_pipeline.training import train
 
 try:  # the helper lives beside this file; importable either way pytest sets up sys.path
     from comic_pipeline_tests.test_model import synthetic_problem

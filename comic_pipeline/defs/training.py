@@ -17,12 +17,13 @@ from comic_pipeline.defs.resources import (
     MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice, profile,
 )
 from comic_pipeline.tracking import code_version, model_requirements
+from comic_pipeline.train_config import TrainConfig
 from comic_pipeline.defs.k8s import gpu_op_tags
 
 
 class TrainingConfig(dg.Config):
     """Every TrainConfig setting, settable in the launchpad. Unset (None) = the preset's value
-    (training.PRESETS, one table of sizes and settings); the preset defaults to the profile's."""
+    (train_config.PRESETS, one table of sizes and settings); the preset defaults to the profile's."""
 
     preset: Optional[str] = Field(default=None, description="Model size and settings preset: tiny, "
                                   "demo or full; default: the profile's ($COMIC_PIPELINE_PROFILE).")
@@ -54,11 +55,11 @@ class TrainingConfig(dg.Config):
     eval_batch_size: Optional[int] = Field(default=None, description="Samples per validation batch.")
 
 
-def train_config_of(config: TrainingConfig) -> training.TrainConfig:
+def train_config_of(config: TrainingConfig) -> TrainConfig:
     """The domain config: the preset with every field set in the launchpad (None: the preset's)."""
     overrides = {name: value for name, value in config.model_dump().items()
                  if name != "preset" and value is not None}
-    return training.TrainConfig.from_preset(config.preset or profile(), **overrides)
+    return TrainConfig.from_preset(config.preset or profile(), **overrides)
 
 
 @dg.asset(
@@ -104,6 +105,7 @@ def sequence_model(
         result = training.train(
             train_config, datasets, features, device=device,
             checkpoint_dir=storage.path("checkpoints", "sequence_model"),
+            code_version=tags["code_version"],  # a finished checkpoint of other code is not reused
             log=context.log.info,
             on_epoch=lambda epoch, metrics: _mlflow_log_metrics(metrics, epoch),
         )
