@@ -137,6 +137,8 @@ def task_datasets(
                 "n_options": dataset.n_options,
                 "chance": chance,
                 "distractor_policy": str(dataset.attrs.get("distractor_policy", config.distractors)),
+                **({"slot_oracle_accuracy": float(dataset.attrs["slot_oracle_accuracy"])}
+                   if "slot_oracle_accuracy" in dataset.attrs else {}),  # ~chance: no slot shortcut
                 "seed": config.seed,
                 "splits_fingerprint": comic_splits.fingerprint,
             },
