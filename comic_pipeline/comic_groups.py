@@ -7,8 +7,8 @@
 - chunking: chunks of whole pages, a few MiB each;
 - raw Zarr v3 encoding: a group / an uncompressed one-chunk array as {relative path: bytes}, so a
   writer can put a whole comic with one batch of plain object writes instead of zarr's per-node
-  machinery (readers still open it with zarr);
-- ``put_atomic``: one object replaced whole (the commit primitive of the output store).
+  machinery (readers still open it with zarr). Single objects are replaced whole with
+  fileio.atomic_write_bytes (the commit primitive of the output store).
 
 Which comic a group is, is decided by comic_pipeline.comic_names: the one naming rule.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Mapping
 
 import numpy as np
@@ -161,21 +160,3 @@ def put_files(url: str, files: Mapping[str, bytes | memoryview]) -> None:
         return
     fs, path = url_to_fs(url)
     fs.pipe({f"{path.rstrip('/')}/{relative}": bytes(data) for relative, data in files.items()})  # concurrent on s3fs
-
-
-def put_atomic(url: str, data: bytes) -> None:
-    """Replace the object at `url` whole: a reader gets the old bytes or the new ones, never a mix
-    and never nothing. Locally: a temporary sibling, then os.replace (atomic on one filesystem);
-    on an object store: one PUT of the whole object, which stores replace atomically (no
-    temporary object, so a crash leaves nothing behind)."""
-    path = local_path(url)
-    if path is not None:
-        parent = os.path.dirname(path) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    else:
-        fs, path = url_to_fs(url)
-        fs.pipe_file(path, data)

@@ -51,7 +51,7 @@ from fsspec.core import url_to_fs
 
 from comic_pipeline import fileio
 from comic_pipeline.comic_groups import COMICS, array_files, group_document, list_children, prefix_gap, \
-    put_atomic, put_files, read_json, root_format_problem, zarr_location
+    put_files, read_json, root_format_problem, zarr_location
 from comic_pipeline.comic_names import ComicNameError, check_comic_name, comic_key
 
 FORMAT = "comic-stage4-contextualized"
@@ -98,11 +98,11 @@ def ensure_root(url: str, *, recheck: bool = False) -> None:
         return
     root = read_json(fileio.join(url, "zarr.json"))
     if root is None:
-        put_atomic(fileio.join(url, "zarr.json"), group_document(ROOT_ATTRS))
+        fileio.atomic_write_bytes(fileio.join(url, "zarr.json"), group_document(ROOT_ATTRS))
     else:
         _check_root(url, root)
     if read_json(fileio.join(url, COMICS, "zarr.json")) is None:
-        put_atomic(fileio.join(url, COMICS, "zarr.json"), group_document({}))
+        fileio.atomic_write_bytes(fileio.join(url, COMICS, "zarr.json"), group_document({}))
     _CHECKED_ROOTS.add(url)
 
 
@@ -216,7 +216,7 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
     pointer_url = fileio.join(comic_url, "zarr.json")
     earlier = read_json(pointer_url)  # a rewrite leaves a version to collect later
     put_files(fileio.join(comic_url, version), files)  # the whole version, invisible until...
-    put_atomic(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
+    fileio.atomic_write_bytes(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
     if earlier is not None:
         collect_garbage(comic_url, grace_seconds=gc_grace_seconds)
     return comic_url

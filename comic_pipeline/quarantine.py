@@ -6,7 +6,7 @@ key, name, error, when), clears the record of each comic that validates, and nev
 ones; comic_splits leaves recorded comics out. A fixed comic comes back by validating it again.
 
 One small JSON document per comic under ``<home>/stage3_quarantine/``, each written whole in one
-atomic step (comic_groups.put_atomic), so concurrent validation runs never clash.
+atomic step (fileio.atomic_write_bytes), so concurrent validation runs never clash.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from fsspec.core import url_to_fs
 
 from comic_pipeline import fileio
-from comic_pipeline.comic_groups import put_atomic, read_json
+from comic_pipeline.comic_groups import read_json
 from comic_pipeline.comic_names import is_comic_key
 
 FOLDER = "stage3_quarantine"
@@ -46,7 +46,7 @@ class Quarantine:
     def put(self, comic_id: str, name: str, error: str) -> QuarantineRecord:
         record = QuarantineRecord(comic_id, name, error,
                                   datetime.now(timezone.utc).isoformat(timespec="seconds"))
-        put_atomic(self._document(comic_id), json.dumps(asdict(record)).encode())
+        fileio.atomic_write_bytes(self._document(comic_id), json.dumps(asdict(record)).encode())
         return record
 
     def clear(self, comic_id: str) -> bool:

@@ -156,19 +156,19 @@ def test_crash_before_commit_leaves_the_old_comic_and_nothing_visible(store_url,
     def crash(url, data):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(es, "put_atomic", crash)
+    monkeypatch.setattr(es.fileio, "atomic_write_bytes", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         write(store_url, "beta")  # never created: the root's own zarr.json write crashes too
     monkeypatch.undo()
     write(store_url, "beta", n_pages=6, seed=1, version="1")
-    real_put_atomic = es.put_atomic
+    real_write = es.fileio.atomic_write_bytes
 
     def crash_on_pointer(url, data):
         if url.endswith(("/comics/beta/zarr.json", "/comics/gamma/zarr.json")):
             raise RuntimeError("disk full")  # every array of the new version is stored ...
-        real_put_atomic(url, data)
+        real_write(url, data)
 
-    monkeypatch.setattr(es, "put_atomic", crash_on_pointer)
+    monkeypatch.setattr(es.fileio, "atomic_write_bytes", crash_on_pointer)
     with pytest.raises(RuntimeError, match="disk full"):
         write(store_url, "beta", n_pages=2, seed=2, version="2")  # ... but never committed
     with pytest.raises(RuntimeError, match="disk full"):
