@@ -131,6 +131,11 @@ class Tracking:
     def run_id_of(self, version: str) -> str:
         return self.client().get_model_version(self.registered_model_name, version).run_id
 
+    def metrics_of(self, version: str | None) -> dict[str, float]:
+        """The metrics logged in the training run of `version` ({} for None), where evaluation
+        logs its test figures too."""
+        return {} if version is None else dict(self.client().get_run(self.run_id_of(version)).data.metrics)
+
     def champion_version(self) -> str | None:
         """The version the `champion` alias points at, or None when there is no champion yet."""
         from mlflow.exceptions import MlflowException

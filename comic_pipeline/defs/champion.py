@@ -10,18 +10,17 @@ from pydantic import Field
 
 from comic_pipeline import embedding_store, fileio
 from comic_pipeline.defs.keys import (
-    BLOCKING_GATES, CHAMPION_MODEL, EVALUATION_KEYS, EVALUATION_SUMMARY, SEQUENCE_MODEL,
+    BLOCKING_GATES, CHAMPION_MODEL, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_TOLERANCE,
+    SEQUENCE_MODEL,
 )
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage
 from comic_pipeline.tracking import Tracking
 
-DEFAULT_REGRESSION_TOLERANCE = 0.02
-
 
 class ChampionConfig(dg.Config):
     regression_tolerance: float = Field(
-        default=DEFAULT_REGRESSION_TOLERANCE,
+        default=REGRESSION_TOLERANCE,
         description="Largest allowed drop of a task's test accuracy below the current champion's.",
     )
     allow_regression: bool = Field(
@@ -101,9 +100,7 @@ def compare_with_champion(
 ) -> list[dict]:
     """One row per task the candidate trained on: the champion's and the candidate's test
     accuracy (from the champion's MLflow run, where evaluation logged it) and the drop."""
-    champion_metrics = {}
-    if champion is not None and champion != candidate.version:
-        champion_metrics = tracking.client().get_run(tracking.run_id_of(champion)).data.metrics
+    champion_metrics = tracking.metrics_of(champion if champion != candidate.version else None)
     rows = []
     for task in candidate.datasets:
         before = champion_metrics.get(f"test_{task}_accuracy")

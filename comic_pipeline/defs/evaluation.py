@@ -12,12 +12,12 @@ from pydantic import Field
 from comic_pipeline import evaluation, tasks
 from comic_pipeline.defs.datasets import load_task_datasets
 from comic_pipeline.defs.keys import (
-    BLOCKING_GATES, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_GATE, SEQUENCE_MODEL,
+    BLOCKING_GATES, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_GATE, REGRESSION_TOLERANCE,
+    SEQUENCE_MODEL,
 )
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef, TaskReport
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
 
-REGRESSION_TOLERANCE = 0.02  # the WARN gate: at most 2 points below the champion
 GATE_DESCRIPTIONS = {
     "beats_chance": "Blocking: the lower end of the 95% interval of test accuracy (a bootstrap "
     "over comics) is above chance — for every variant on its own where the task has variants.",
@@ -86,10 +86,7 @@ def evaluation_assets(
     version, run_id = model_ref.version, model_ref.run_id
     model = tracking.load_model(version)
     champion = tracking.champion_version()
-    champion_metrics = (
-        tracking.client().get_run(tracking.run_id_of(champion)).data.metrics
-        if champion and champion != version else {}
-    )
+    champion_metrics = tracking.metrics_of(champion if champion != version else None)
     datasets, skipped = load_task_datasets(storage, model_ref.datasets)
     if not datasets:
         raise dg.Failure(f"Model version {version} trained on no dataset (skipped: {skipped}).")

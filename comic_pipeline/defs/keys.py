@@ -23,4 +23,7 @@ CONTEXTUALIZED_EMBEDDINGS = dg.AssetKey("contextualized_embeddings")
 # The quality gates: the asset checks of every evaluation/<task>.
 BLOCKING_GATES = ("beats_chance", "beats_shortcuts")
 REGRESSION_GATE = "no_regression_vs_champion"
+# Largest drop of a task's test accuracy below the champion's: the WARN gate of every evaluation and
+# the default of champion_model's blocking comparison.
+REGRESSION_TOLERANCE = 0.02
 STALE_EMBEDDINGS_CHECK = "embeddings_made_by_champion"
