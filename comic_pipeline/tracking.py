@@ -19,6 +19,7 @@ import numpy as np
 from comic_pipeline import model_artifact
 
 CHAMPION_ALIAS = "champion"
+TRAINING_FINGERPRINT_TAG = "training_fingerprint"  # on each training run: see version_trained_as
 
 
 class TrackingUnavailable(RuntimeError):
@@ -135,6 +136,25 @@ class Tracking:
         """The metrics logged in the training run of `version` ({} for None), where evaluation
         logs its test figures too."""
         return {} if version is None else dict(self.client().get_run(self.run_id_of(version)).data.metrics)
+
+    def version_trained_as(self, training_fingerprint: str) -> tuple[str, str] | None:
+        """(version, run id) of the newest registered version whose training run carries this
+        `training_fingerprint` tag (same data, code and config), or None."""
+        client = self.client()
+        experiment = client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.{TRAINING_FINGERPRINT_TAG} = '{training_fingerprint}'")
+        found = []
+        for run in runs:
+            for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+                if version.name == self.registered_model_name:
+                    found.append((int(version.version), run.info.run_id))
+        if not found:
+            return None
+        version, run_id = max(found)
+        return str(version), run_id
 
     def champion_version(self) -> str | None:
         """The version the `champion` alias points at, or None when there is no champion yet."""

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -124,6 +125,40 @@ def training_fingerprint(config: TrainConfig, model_config: ModelConfig,
     return digest.hexdigest()
 
 
+def trainable_tasks(datasets: Mapping[str, TaskDataset]) -> tuple[str, ...]:
+    """The tasks a run trains on: every known task with train samples, in TASK_NAMES order."""
+    unknown = set(datasets) - set(TASK_NAMES)
+    if unknown:
+        raise ValueError(f"train: unknown tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
+    tasks = tuple(t for t in TASK_NAMES if t in datasets and datasets[t].n_samples("train") > 0)
+    if not tasks:
+        raise ValueError("train: no task dataset has train samples")
+    return tasks
+
+
+def run_fingerprint(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: PageFeatures,
+                    code_version: str = "") -> str:
+    """The fingerprint `train` gives a run of these arguments, known before training: a caller
+    that finds it on an existing model version need not train or register again."""
+    config = config.resolved()
+    tasks = trainable_tasks(datasets)
+    return training_fingerprint(config, config.model_config(features), {t: datasets[t] for t in tasks},
+                                features, code_version)
+
+
+def code_fingerprint() -> str:
+    """A hash of the source of the domain modules (comic_pipeline/*.py, not the Dagster layer):
+    the code that decides the weights. Unlike a git sha it tells two uncommitted edits apart and
+    works in an installed package."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.blake2b(digest_size=8)
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as handle:
+                digest.update(name.encode() + b"\0" + handle.read() + b"\0")
+    return digest.hexdigest()
+
+
 # --- optimizer, schedule, data order -------------------------------------------------------------
 def _learning_rate_factor(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
@@ -184,12 +219,7 @@ def train(config: TrainConfig, datasets: Mapping[str, TaskDataset], features: Pa
     config = config.resolved()
     configure_cpu_threads()
     torch_device, amp_dtype = resolve_device(device)
-    unknown = set(datasets) - set(TASK_NAMES)
-    if unknown:
-        raise ValueError(f"train: unknown tasks {sorted(unknown)}; known: {', '.join(TASK_NAMES)}")
-    tasks = tuple(t for t in TASK_NAMES if t in datasets and datasets[t].n_samples("train") > 0)
-    if not tasks:
-        raise ValueError("train: no task dataset has train samples")
+    tasks = trainable_tasks(datasets)
     model_config = config.model_config(features)
     batches = TaskBatches({t: datasets[t] for t in tasks}, features, device=torch_device,
                           modalities=model_config.modalities)

@@ -176,6 +176,9 @@ def test_interrupted_training_resumes_to_the_same_weights(small, tmp_path):
     recoded = train(config, datasets, features, device="cpu", checkpoint_dir=checkpoints,
                     log=lambda line: None, code_version="other")
     assert recoded.resumed_from_epoch is None and recoded.fingerprint != again.fingerprint
+    # the fingerprint is known before training (a caller can look for a version trained so)
+    assert training.run_fingerprint(config, datasets, features) == again.fingerprint
+    assert training.run_fingerprint(config, datasets, features, "other") == recoded.fingerprint
     _assert_same_weights(again.model, uninterrupted.model)
 
     # another config does not resume from this checkpoint, and says why
@@ -270,3 +273,16 @@ def test_one_preset_table_decides_sizes_and_settings(small):
     model_config = TrainConfig.from_preset("tiny", n_layers=1).model_config(features)
     assert (model_config.d_model, model_config.n_layers) == (PRESETS["tiny"].d_model, 1)
     assert TrainConfig(preset="full").learning_rate() == PRESETS["full"].lr
+
+
+def test_code_fingerprint_hashes_the_domain_modules_source(tmp_path, monkeypatch):
+    package = tmp_path / "pkg"
+    (package / "defs").mkdir(parents=True)
+    (package / "model.py").write_text("WIDTH = 1\n")
+    (package / "defs" / "assets.py").write_text("UI = 1\n")
+    monkeypatch.setattr(training, "__file__", str(package / "training.py"))
+    before = training.code_fingerprint()
+    (package / "defs" / "assets.py").write_text("UI = 2\n")  # the Dagster layer decides no weights
+    assert training.code_fingerprint() == before
+    (package / "model.py").write_text("WIDTH = 2\n")  # an uncommitted edit: a new fingerprint
+    assert training.code_fingerprint() != before

@@ -16,7 +16,7 @@ from comic_pipeline.defs.refs import ModelRef, TaskDatasetRef
 from comic_pipeline.defs.resources import (
     MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice, profile,
 )
-from comic_pipeline.tracking import code_version, model_requirements
+from comic_pipeline.tracking import TRAINING_FINGERPRINT_TAG, code_version, model_requirements
 from comic_pipeline.train_config import TrainConfig
 from comic_pipeline.defs.k8s import gpu_op_tags
 
@@ -71,8 +71,10 @@ def train_config_of(config: TrainingConfig) -> TrainConfig:
     description=(
         "Trains the multi-task panel-sequence transformer on every generated task (heads score "
         "options against contextualized outputs; the strip embedding has its own objective). One "
-        "MLflow run per materialization; the model is registered as a new version. Resumes from "
-        "the last epoch checkpoint after a crash."
+        "MLflow run per materialization; the model is registered as a new version, unless a "
+        "version was already trained on the same data, code and config: then that version is the "
+        "output again (metadata `unchanged`) and nothing is trained. Resumes from the last epoch "
+        "checkpoint after a crash."
     ),
 )
 def sequence_model(
@@ -94,10 +96,17 @@ def sequence_model(
     comic_ids = list(dict.fromkeys(next(iter(datasets.values())).comic_ids))
     features = stage3.open().load_features(comic_ids)
     train_config = train_config_of(config)
+    code = training.code_fingerprint()
+    fingerprint = training.run_fingerprint(train_config, datasets, features, code)
+    existing = tracking.version_trained_as(fingerprint)
+    if existing is not None:
+        return _unchanged(context, tracking, fingerprint, *existing, task_refs)
     tags = {
         "dagster_run_id": context.run_id,
         "dagster_asset_key": context.asset_key.to_user_string(),
-        "code_version": code_version(),
+        "code_version": code_version(),  # the git sha, for people
+        "code_fingerprint": code,  # the domain modules' source hash, what the fingerprint uses
+        TRAINING_FINGERPRINT_TAG: fingerprint,
     }
     started = time.perf_counter()
     with tracking.start_run(run_name=f"sequence_model-{context.run_id[:8]}", tags=tags) as run_id:
@@ -105,10 +114,13 @@ def sequence_model(
         result = training.train(
             train_config, datasets, features, device=device,
             checkpoint_dir=storage.path("checkpoints", "sequence_model"),
-            code_version=tags["code_version"],  # a finished checkpoint of other code is not reused
+            code_version=code,  # a finished checkpoint of other code is not reused
             log=context.log.info,
             on_epoch=lambda epoch, metrics: _mlflow_log_metrics(metrics, epoch),
         )
+        for record in result.history[:result.resumed_from_epoch or 0]:
+            # epochs an earlier (crashed) run trained: this run's curves show them too
+            _mlflow_log_metrics(record, int(record["epoch"]))
         mlflow.log_dict({"history": result.history, "best_epoch": result.best_epoch}, "history.json")
         model = result.model.cpu().eval()
         example = features.fused[:2] if features.fused is not None else None
@@ -137,7 +149,37 @@ def sequence_model(
             "steps": int(result.steps),
             "samples_per_s": round(float(result.samples_per_s), 1),
             "train_seconds": round(time.perf_counter() - started, 1),
+            "training_fingerprint": fingerprint,
+            "unchanged": False,
             **val_accuracy,
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+def _unchanged(context, tracking, fingerprint: str, version: str, run_id: str,
+               task_refs: dict[str, TaskDatasetRef]) -> dg.Output[ModelRef]:
+    """The output when a registered version was trained on the same data, code and config: that
+    version again, no new MLflow run or version, so the champion and the embeddings stay."""
+    message = (f"Nothing to train: model version {version} (MLflow run {run_id}) was trained on the "
+               f"same datasets, Stage 3 features, code and config (training fingerprint "
+               f"{fingerprint}). No new version is registered; the champion and the embeddings stay "
+               "as they are. Change the data, the code or the launch config to train a new version.")
+    context.log.info(message)
+    link = tracking.run_link(run_id)
+    model_ref = ModelRef(name=tracking.registered_model_name, version=version, run_id=run_id,
+                         uri=f"models:/{tracking.registered_model_name}/{version}", datasets=dict(task_refs))
+    return dg.Output(
+        model_ref,
+        metadata={
+            "unchanged": True,
+            "note": message,
+            "mlflow_run_id": run_id,
+            "model_uri": model_ref.uri,
+            "model_version": version,
+            **({"mlflow_run": dg.MetadataValue.url(link)} if link else {}),
+            "dataset_fingerprints": dg.MetadataValue.json(model_ref.fingerprints()),
+            "training_fingerprint": fingerprint,
         },
         data_version=dg.DataVersion(version),
     )

@@ -243,6 +243,33 @@ def test_a_new_champion_marks_old_embeddings_stale_and_a_backfill_refreshes_them
     assert set(ContextualizedStore.open(url).model_versions().values()) == {new_champion}
 
 
+def test_retraining_on_unchanged_data_code_and_config_registers_no_new_version(trained_pipeline):
+    pipeline = trained_pipeline
+    tracking = pipeline.tracking()
+    before = pipeline.stored(SEQUENCE_MODEL)
+    champion = tracking.champion_version()
+    runs = len(tracking.client().search_runs([tracking.experiment_id()]))
+    versions = len(tracking.client().search_model_versions(f"name = '{tracking.registered_model_name}'"))
+    again = pipeline.materialize(
+        TRAINING_GRAPH - dg.AssetSelection.assets(COMIC_SPLITS) - dg.AssetSelection.groups("tasks"),
+        run_config=training_run_config(),  # what the prebuilt home trained with
+    )
+    assert again.success
+    metadata = materialization_metadata(pipeline.instance, SEQUENCE_MODEL)
+    assert metadata["unchanged"] is True and f"model version {before.version}" in metadata["note"]
+    assert pipeline.stored(SEQUENCE_MODEL) == before
+    assert len(tracking.client().search_runs([tracking.experiment_id()])) == runs
+    assert len(tracking.client().search_model_versions(f"name = '{tracking.registered_model_name}'")) == versions
+    assert tracking.champion_version() == champion
+    assert materialization_metadata(pipeline.instance, CHAMPION_MODEL)["stale_comics"] == 0
+    assert _stale_check(pipeline).passed
+
+    changed = pipeline.materialize(["sequence_model"], run_config=training_run_config(epochs=1))
+    assert changed.success
+    assert materialization_metadata(pipeline.instance, SEQUENCE_MODEL)["unchanged"] is False
+    assert pipeline.stored(SEQUENCE_MODEL).version != before.version
+
+
 def _embed_range(instance_ref, home: str, comics: list[str]) -> bool:
     """One Dagster run in its own process, as a sensor run and a backfill run would be."""
     torch.set_num_threads(1)
