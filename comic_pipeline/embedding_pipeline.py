@@ -18,7 +18,7 @@ import numpy as np
 
 from comic_pipeline.embedding_store import ensure_root, write_comic
 from comic_pipeline.schema import PageFeatures
-from comic_pipeline.store import join_pages
+from comic_pipeline.store import check_pins, join_pages
 
 READERS = 4  # comics loading at once ahead of the encoder
 
@@ -35,13 +35,15 @@ class ComicInput:
 
     @classmethod
     def from_reader(cls, reader, modalities: Iterable[str] | None = None,
-                    content_hash: str | None = None) -> "ComicInput":
+                    content_hash: str | None = None, pinned_hash: str | None = None) -> "ComicInput":
         """Lazy input over a comic of the Stage 3 store (a comic_pipeline.store.ComicReader).
 
         load() returns the comic's features (all stored modalities unless given; the reader
         checks masks and values of what it reads, so a bad comic fails before anything of it is
         written). Without a known content_hash, load() reads every modality once and hashes what
         it read; with a subset of modalities and no hash it validates the whole comic first.
+        With `pinned_hash` (the hash its validation recorded), a comic whose content differs
+        fails with store.Stage3Changed instead of being embedded.
         """
         def load() -> PageFeatures:
             if comic.content_hash is not None:  # `comic` is bound below
@@ -49,9 +51,13 @@ class ComicInput:
             if modalities is None:
                 features, summary = reader.validated_features()
                 comic.content_hash = summary.content_hash
-                return features
-            comic.content_hash = reader.validate().content_hash
-            return reader.features(modalities)
+            else:
+                comic.content_hash = reader.validate().content_hash
+                features = reader.features(modalities)
+            if pinned_hash is not None:
+                check_pins({reader.comic_id: pinned_hash}, {reader.comic_id: comic.content_hash},
+                           {reader.comic_id: reader.name})
+            return features
 
         comic = cls(comic_id=reader.comic_id, page_ids=list(reader.page_ids), content_hash=content_hash,
                     load=load, name=reader.name)
@@ -95,11 +101,14 @@ def _checked_features(comic: ComicInput, features: PageFeatures) -> PageFeatures
     return features
 
 
-def _loaded_comics(comics: Iterable[ComicInput], readers: int
+def _loaded_comics(comics: Iterable[ComicInput], readers: int,
+                   on_failed: Callable[[ComicInput, Exception], None] | None = None
                    ) -> Iterator[tuple[ComicInput, float, PageFeatures]]:
     """(comic, load start time, its checked pages) in input order. readers > 0: a pool of that
     many threads loads the next comics while this one is encoded (zarr and numpy release the
-    GIL while reading and decoding); readers = 0 loads in the caller's thread."""
+    GIL while reading and decoding); readers = 0 loads in the caller's thread. With `on_failed`,
+    a comic that fails to load or check is handed to it and left out; without, the error ends
+    the run."""
     seen: set[str] = set()
 
     def checked(comic: ComicInput) -> ComicInput:
@@ -112,7 +121,14 @@ def _loaded_comics(comics: Iterable[ComicInput], readers: int
         for comic in comics:
             comic = checked(comic)
             t0 = time.perf_counter()
-            yield comic, t0, _checked_features(comic, comic.load())
+            try:
+                pages = _checked_features(comic, comic.load())
+            except Exception as error:
+                if on_failed is None:
+                    raise
+                on_failed(comic, error)
+                continue
+            yield comic, t0, pages
         return
     iterator = iter(comics)
     with ThreadPoolExecutor(max_workers=readers, thread_name_prefix="comic-reader") as pool:
@@ -131,6 +147,14 @@ def _loaded_comics(comics: Iterable[ComicInput], readers: int
             comic, t0, future = ahead.popleft()
             try:
                 pages = _checked_features(comic, future.result())  # a failed load re-raises here
+            except Exception as error:
+                if on_failed is None:
+                    for _, _, pending in ahead:
+                        pending.cancel()
+                    raise
+                on_failed(comic, error)  # this comic only: the others go on
+                top_up()
+                continue
             except BaseException:
                 for _, _, pending in ahead:
                     pending.cancel()
@@ -140,8 +164,8 @@ def _loaded_comics(comics: Iterable[ComicInput], readers: int
             del pages
 
 
-def _batches(comics: Iterable[ComicInput], batch_pages: int, readers: int
-             ) -> Iterator[tuple[list[tuple[_PendingComic, int, int]], list[PageFeatures], list[_PendingComic]]]:
+def _batches(comics: Iterable[ComicInput], batch_pages: int, readers: int,
+             on_failed: Callable[[ComicInput, Exception], None] | None = None) -> Iterator[tuple[list[tuple[_PendingComic, int, int]], list[PageFeatures], list[_PendingComic]]]:
     """Cut the pages of consecutive comics into batches of batch_pages (the last may be short).
 
     Yields (pieces, features, newly_started): pieces[i] = (pending comic, first page, end page)
@@ -152,7 +176,7 @@ def _batches(comics: Iterable[ComicInput], batch_pages: int, readers: int
     features: list[PageFeatures] = []
     started: list[_PendingComic] = []
     room = batch_pages
-    for comic, t0, pages in _loaded_comics(comics, readers):
+    for comic, t0, pages in _loaded_comics(comics, readers, on_failed):
         pending = _PendingComic(comic=comic, panel_mask=np.asarray(pages.panel_mask, dtype=bool), started=t0)
         started.append(pending)
         first = 0
@@ -174,6 +198,7 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
                     encode: Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], *,
                     batch_pages: int, model_name: str, model_version: str, mlflow_run_id: str | None,
                     on_comic_written: Callable[[str, int, float], None] | None = None,
+                    on_comic_failed: Callable[[ComicInput, Exception], None] | None = None,
                     dtype: str = "float32", extra_attrs: dict | None = None,
                     background_write: bool = True, prefetch: bool = True,
                     readers: int = READERS) -> list[WrittenComic]:
@@ -185,7 +210,10 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
     `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comic groups
     are committed by a helper thread, at most one write in flight (background_write).
     on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
-    commit. Returns the written comics in input order.
+    commit. With on_comic_failed(comic, error), a comic whose pages fail to load or check is
+    reported to it and left out while the others are embedded (without it the error ends the
+    run); an encoder or write failure always ends the run. Returns the written comics in input
+    order.
     """
     if batch_pages < 1:
         raise ValueError(f"batch_pages must be at least 1, got {batch_pages}")
@@ -219,7 +247,8 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
             on_comic_written(record.comic_id, record.n_pages, seconds)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-writer") as writer:
-        for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0):
+        for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0,
+                                                  on_comic_failed):
             in_flight.extend(started)
             batch = join_pages(features)
             panels, strips = encode(batch)

@@ -50,8 +50,8 @@ METADATA_ENV = "COMIC_STAGE3_METADATA"  # where deployments keep the legacy meta
 
 __all__ = [
     "FORMAT", "VERSION", "COMICS_GROUP", "METADATA_ENV", "Stage3StoreError", "ComicSummary",
-    "ComicReader", "QuarantinedComic", "Stage3Store", "create_native_store", "write_native_comic",
-    "validate_comic_arrays",
+    "ComicReader", "QuarantinedComic", "Stage3Store", "Stage3Changed", "check_pins",
+    "create_native_store", "write_native_comic", "validate_comic_arrays",
 ]
 
 
@@ -387,6 +387,27 @@ class Stage3Store:
         Without `modalities`, the modalities all the given comics share are loaded. Comics with
         fewer text boxes per panel are padded to the largest B among them.
         """
+        readers, wanted = self._readers(comic_ids, modalities)
+        return join_pages([reader.features(wanted) for reader in readers])
+
+    def load_pinned(self, comic_ids: Sequence[str], pinned: Mapping[str, str] | None = None
+                    ) -> tuple[PageFeatures, dict[str, str]]:
+        """The features of `comic_ids` (modalities they all share) and each comic's content hash
+        (ComicSummary.content_hash) of exactly what was read. With `pinned` ({key: hash} recorded
+        when the comics were validated or tasks generated), a comic whose content differs raises
+        Stage3Changed naming every such comic: Stage 3 rewrote it since."""
+        readers, _ = self._readers(comic_ids, None)
+        parts, hashes = [], {}
+        for reader in readers:
+            features, summary = reader.validated_features()
+            parts.append(features)
+            hashes[reader.comic_id] = summary.content_hash
+        if pinned is not None:
+            check_pins(pinned, hashes, {reader.comic_id: reader.name for reader in readers})
+        return join_pages(parts), hashes
+
+    def _readers(self, comic_ids: Sequence[str], modalities: Iterable[str] | None
+                 ) -> tuple[list[ComicReader], frozenset[str]]:
         comic_ids = list(comic_ids)
         if not comic_ids:
             raise Stage3StoreError(f"Stage 3 store {self.url!r}: load_features needs at least one comic")
@@ -409,7 +430,29 @@ class Stage3Store:
                                       f"modality {missing[0]!r} was asked for but is not stored")
         if not wanted:
             raise Stage3StoreError(f"Stage 3 store {self.url!r}: no modality to load")
-        return join_pages([reader.features(wanted) for reader in readers])
+        return readers, wanted
+
+
+class Stage3Changed(Stage3StoreError):
+    """Comics whose Stage 3 content differs from the content hash pinned downstream."""
+
+
+def check_pins(pinned: Mapping[str, str], current: Mapping[str, str],
+               names: Mapping[str, str] | None = None) -> None:
+    """Raise Stage3Changed naming every comic of `current` whose hash is not its pin (a comic
+    without a pin counts as changed: nothing downstream was made from it)."""
+    names = names or {}
+    changed = [key for key, digest in current.items() if pinned.get(key) != digest]
+    if changed:
+        described = "; ".join(
+            f"comic {str(names.get(key, key))!r} (key {str(key)!r}): pinned "
+            f"{(pinned.get(key) or 'nothing')[:12]}, now {current[key][:12]}" for key in changed[:20])
+        more = f" and {len(changed) - 20} more" if len(changed) > 20 else ""
+        raise Stage3Changed(
+            f"Stage 3 content of {len(changed)} comic(s) changed since it was pinned: {described}{more}. "
+            "Re-validate them (stage3_panel_embeddings) and regenerate the task datasets "
+            "(comic_splits and the tasks group) before training, evaluating or embedding them."
+        )
 
 
 def join_pages(parts: Sequence[PageFeatures]) -> PageFeatures:

@@ -129,6 +129,26 @@ def test_streaming_reports_bad_comics_and_bad_encoders(tmp_path):
 
 
 
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_with_on_comic_failed_a_bad_comic_is_left_out_and_the_others_written(tmp_path, prefetch):
+    def failing_load():
+        raise OSError("stage 3 read failed")
+
+    comics = comic_inputs({"a": 2, "broken": 3, "c": 4, "d": 1})
+    comics[1].load = failing_load
+    comics[3].page_ids = ["wrong"]  # its load() gives other page ids than listed
+    failed = []
+    url = str(tmp_path / f"out-{prefetch}.zarr")
+    written = ep.embed_and_write(url, comics, fake_encode, batch_pages=3, model_name="m", model_version="1",
+                                 mlflow_run_id=None, prefetch=prefetch,
+                                 on_comic_failed=lambda comic, error: failed.append((comic.comic_id, str(error))))
+    assert [w.comic_id for w in written] == ["a", "c"]
+    assert [f[0] for f in failed] == ["broken", "d"]
+    assert "stage 3 read failed" in failed[0][1] and "different order or with other ids" in failed[1][1]
+    assert es.ContextualizedStore.open(url).comic_ids() == ["a", "c"]
+
+
 # --- Stage 3 input ----------------------------------------------------------------------------
 def test_comic_input_from_stage3_reader(tmp_path):
     stage3_url = str(tmp_path / "stage3.zarr")
@@ -153,3 +173,25 @@ def test_comic_input_from_stage3_reader(tmp_path):
     ep.embed_and_write(out_url, [known], fake_encode, batch_pages=5, model_name="m", model_version="2",
                        mlflow_run_id=None)
     assert ctx.attrs("k1")["stage3_content_hash"] == "from-upstream"
+
+
+
+def test_a_comic_changed_since_its_pinned_hash_is_not_embedded(tmp_path):
+    stage3_url = str(tmp_path / "stage3.zarr")
+    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
+    features = features_of("k1", 3, 0)
+    arrays = {"panel_embeddings": features.fused, "panel_mask": features.panel_mask}
+    store.write_native_comic(stage3_url, "k1", page_ids=list(features.page_ids), title="Tintin", arrays=arrays)
+    stage3 = store.Stage3Store.open(stage3_url)
+    pinned = stage3.comic("k1").validate().content_hash
+    out_url = str(tmp_path / "ctx.zarr")
+    same = ep.ComicInput.from_reader(stage3.comic("k1"), pinned_hash=pinned)
+    assert [w.comic_id for w in ep.embed_and_write(out_url, [same], fake_encode, batch_pages=4, model_name="m",
+                                                    model_version="1", mlflow_run_id=None)] == ["k1"]
+    arrays["panel_embeddings"] = arrays["panel_embeddings"] + 1.0  # Stage 3 rewrote the comic
+    store.write_native_comic(stage3_url, "k1", page_ids=list(features.page_ids), title="Tintin", arrays=arrays)
+    changed = ep.ComicInput.from_reader(store.Stage3Store.open(stage3_url).comic("k1"), pinned_hash=pinned)
+    with pytest.raises(store.Stage3Changed, match=rf"comic 'k1' \(key 'k1'\): pinned {pinned[:12]}, now "):
+        ep.embed_and_write(out_url, [changed], fake_encode, batch_pages=4, model_name="m", model_version="2",
+                           mlflow_run_id=None)
+    assert es.ContextualizedStore.open(out_url).attrs("k1")["model_version"] == "1"  # the old one stays

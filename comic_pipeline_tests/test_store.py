@@ -425,6 +425,28 @@ def test_load_features_arguments(tiny_native_store):
         opened.load_features(["alpha"], modalities=["audio"])
 
 
+
+def test_load_pinned_gives_content_hashes_and_names_changed_comics(tiny_native_store):
+    url, written = tiny_native_store
+    opened = Stage3Store.open(url)
+    features, hashes = opened.load_pinned(["alpha", "gamma"])
+    assert list(dict.fromkeys(features.comic_ids)) == ["alpha", "gamma"]
+    assert hashes == {c: opened.comic(c).validate().content_hash for c in ("alpha", "gamma")}
+    opened.load_pinned(["alpha", "gamma"], pinned=hashes)  # unchanged: fine
+    arrays = dict(written["gamma"])
+    arrays["visual"] = arrays["visual"] * 2.0  # Stage 3 rewrote one modality of gamma
+    store.write_native_comic(url, "gamma", title="Gamma", arrays=arrays,
+                             page_ids=[f"gamma-p{page}" for page in range(5)])
+    with pytest.raises(store.Stage3Changed) as raised:
+        Stage3Store.open(url).load_pinned(["alpha", "gamma"], pinned=hashes)
+    message = str(raised.value)
+    assert "1 comic(s) changed" in message
+    assert f"comic 'gamma' (key 'gamma'): pinned {hashes['gamma'][:12]}, now" in message
+    assert "alpha" not in message and "regenerate the task datasets" in message
+    with pytest.raises(store.Stage3Changed, match="pinned nothing"):  # a comic nothing was made from
+        Stage3Store.open(url).load_pinned(["beta"], pinned=hashes)
+
+
 # --- store format and layout detection -----------------------------------------------------------
 def test_wrong_format_stores(tmp_path):
     no_attrs = str(tmp_path / "plain.zarr")

@@ -11,6 +11,7 @@ from comic_pipeline.defs.keys import (
 )
 from comic_pipeline.defs.resources import Stage3StoreResource
 from comic_pipeline.embedding_store import ContextualizedStore
+from comic_pipeline.quarantine import Quarantine
 from comic_pipeline.store import Stage3StoreError
 
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED,
@@ -104,7 +105,8 @@ def new_comics_sensor(context: dg.SensorEvaluationContext, stage3: Stage3StoreRe
         return dg.SkipReason("Runs or a backfill are in progress; embedding new comics waits.")
     validated = instance.get_materialized_partitions(STAGE3_PANEL_EMBEDDINGS)
     embedded = instance.get_materialized_partitions(CONTEXTUALIZED_EMBEDDINGS)
-    unembedded = [key for key in ordered if key in validated and key not in embedded]
+    quarantined = set(Quarantine(stage3.storage.root()).records())  # the embedder would skip them
+    unembedded = [key for key in ordered if key in validated and key not in embedded and key not in quarantined]
     if not unembedded:
         return dg.SkipReason("No new comics in the store; every validated comic is embedded.")
     return dg.SensorResult(run_requests=_range_requests(

@@ -8,7 +8,10 @@ import pandas as pd
 
 from comic_pipeline import fileio, schema
 from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
-from comic_pipeline.defs.resources import PipelineStorage
+from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource
+from comic_pipeline.store import Stage3Changed
+
+PINS_ATTR = "stage3_content_hashes"  # TaskDataset.attrs: {comic key: Stage 3 content hash} it was made from
 
 
 def read_splits(storage: PipelineStorage, splits: SplitsRef) -> dict[str, str]:
@@ -36,3 +39,19 @@ def load_task_datasets(
                 if ref.skipped is None}
     skipped = {name: ref.skipped for name, ref in task_refs.items() if ref.skipped is not None}
     return datasets, skipped
+
+
+def pinned_features(stage3: Stage3StoreResource, datasets: Mapping[str, schema.TaskDataset]
+                    ) -> schema.PageFeatures:
+    """The Stage 3 features of every comic the datasets index, checked against the content
+    hashes the datasets were generated from: a comic Stage 3 rewrote since fails, by name."""
+    first = next(iter(datasets.values()))
+    comic_ids = [str(comic_id) for comic_id in dict.fromkeys(first.comic_ids)]
+    pins: dict[str, str] = {}
+    for dataset in datasets.values():
+        pins.update(dataset.attrs.get(PINS_ATTR, {}))
+    try:
+        features, _ = stage3.open().load_pinned(comic_ids, pins or None)  # old datasets: no pins
+    except Stage3Changed as error:
+        raise dg.Failure(description=str(error)) from error
+    return features

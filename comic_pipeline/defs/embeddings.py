@@ -14,6 +14,8 @@ from comic_pipeline.defs.keys import (
 from comic_pipeline.defs.refs import ModelRef
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
 from comic_pipeline.defs.k8s import gpu_op_tags
+from comic_pipeline.quarantine import Quarantine
+from comic_pipeline.store import Stage3StoreError
 
 
 class EmbeddingConfig(dg.Config):
@@ -29,11 +31,16 @@ class EmbeddingConfig(dg.Config):
     pool="gpu",
     op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
+    output_required=False,  # one materialization per comic written, each with its own metadata
     description=(
         "Per comic: contextualized panel embeddings and strip (page) embeddings from the "
         "champion model (the version champion_model last promoted), written atomically to "
         "the contextualized zarr and stamped with the model version. A backfill batches many "
-        "comics per run; their pages share model batches."
+        "comics per run; their pages share model batches. Each comic stands alone: a "
+        "quarantined or unvalidated comic is skipped (an observation on its partition says "
+        "why); a comic whose Stage 3 content changed since its validation, or that fails to "
+        "read, is left out and named, the others are written, and the run then fails so the "
+        "left-out partitions show as failed."
     ),
 )
 def contextualized_embeddings(
@@ -44,38 +51,83 @@ def contextualized_embeddings(
     torch_device: TorchDevice,
     mlflow_tracking: MLflowTracking,
     champion: ModelRef,
-) -> dg.MaterializeResult:
+):
     tracking = mlflow_tracking.tracking()
     version, run_id = champion.version, champion.run_id
+    store = stage3.open()
+    pins = validated_hashes(context.instance, context.partition_keys)
+    quarantined = Quarantine(storage.root()).records()
+    skipped = {key: f"quarantined: {quarantined[key].error}" for key in context.partition_keys
+               if key in quarantined}
+    skipped.update({key: "not validated yet: materialize stage3_panel_embeddings for it first"
+                    for key in context.partition_keys if key not in pins and key not in skipped})
+    for key, reason in skipped.items():
+        context.log.warning(f"{key}: skipped ({reason})")
+        yield dg.AssetObservation(asset_key=context.asset_key, partition=key,
+                                  metadata={"skipped": reason, "model_version": version})
+    wanted = [key for key in context.partition_keys if key not in skipped]
+    if not wanted:
+        return
     device = torch_device.configure()
     model = tracking.load_model(version)
-    store = stage3.open()
+    failed: dict[str, str] = {}
+
+    def comic_failed(comic: embedding_pipeline.ComicInput, error: Exception) -> None:
+        failed[comic.comic_id] = f"{type(error).__name__}: {error}"
+        context.log.error(f"{comic.comic_id}: not embedded: {error}")
+
+    comics = []
+    for key in wanted:
+        try:
+            comics.append(embedding_pipeline.ComicInput.from_reader(store.comic(key), pinned_hash=pins[key]))
+        except Stage3StoreError as error:  # its layout broke since validation
+            failed[key] = f"{type(error).__name__}: {error}"
     url = storage.contextualized_url()
-    comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in context.partition_keys]
-    started = time.perf_counter()
     progress = _Progress(context, total=len(comics))
     written = embedding_pipeline.embed_and_write(
         url, comics,
         encode=lambda features: inference.embed_pages(model, features, device=device),
         batch_pages=config.batch_pages, model_name=champion.name,
         model_version=version, mlflow_run_id=run_id,
-        on_comic_written=progress.comic_written,
+        on_comic_written=progress.comic_written, on_comic_failed=comic_failed,
     )
-    seconds = time.perf_counter() - started
-    pages = sum(w.n_pages for w in written)
-    return dg.MaterializeResult(
-        metadata={
-            "comics": len(written),
-            "pages": pages,
-            "panels": sum(w.n_panels for w in written),
-            "model_version": version,
-            "mlflow_run_id": run_id,
-            "output": dg.MetadataValue.path(url if len(written) != 1 else written[0].url),
-            "seconds": round(seconds, 2),
-            "pages_per_s": round(pages / seconds, 1) if seconds > 0 else 0.0,
-        },
-        data_version=dg.DataVersion(version),
-    )
+    for comic in written:
+        yield dg.AssetMaterialization(
+            asset_key=context.asset_key, partition=comic.comic_id,
+            metadata={
+                "comic": comic.name,
+                "pages": comic.n_pages,
+                "panels": comic.n_panels,
+                "model_version": version,
+                "mlflow_run_id": run_id,
+                "output": dg.MetadataValue.path(comic.url),
+                "seconds": round(comic.seconds, 3),
+            },
+        )
+    context.log.info(progress.summary())
+    if failed:
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(wanted)} comics were not embedded (the other "
+            f"{len(written)} were written):\n" + "\n".join(f"{k}: {e}" for k, e in failed.items()),
+            metadata={"failed_comics": dg.MetadataValue.md(
+                "| partition key | error |\n|---|---|\n"
+                + "\n".join(f"| `{k}` | {e.replace('|', '/')} |" for k, e in failed.items()))},
+        )
+
+
+def validated_hashes(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
+    """{key: content hash its latest stage3_panel_embeddings materialization recorded} for the
+    comics of `keys` that were validated (one indexed query per comic: a run holds ~100)."""
+    hashes = {}
+    for key in keys:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=STAGE3_PANEL_EMBEDDINGS, asset_partitions=[key]), limit=1
+        ).records
+        materialization = records[0].asset_materialization if records else None
+        entry = materialization.metadata.get("content_hash") if materialization else None
+        if entry is not None:
+            hashes[key] = str(entry.value)
+    return hashes
 
 
 class _Progress:
@@ -83,13 +135,23 @@ class _Progress:
 
     def __init__(self, context: dg.AssetExecutionContext, total: int, every: int = 25):
         self.context, self.total, self.every, self.done, self.pages = context, total, every, 0, 0
+        self.started, self.first_written = time.perf_counter(), None
 
     def comic_written(self, comic_id: str, pages: int, seconds: float) -> None:
+        if self.done == 0:
+            self.first_written = time.perf_counter() - self.started
         self.done += 1
         self.pages += pages
         if self.done % self.every == 0 or self.done == self.total:
             self.context.log.info(f"{self.done}/{self.total} comics embedded and written "
                                   f"({self.pages} pages; last: {comic_id})")
+
+    def summary(self) -> str:
+        seconds = time.perf_counter() - self.started
+        first = "" if self.first_written is None else f"; first comic written after {self.first_written:.2f} s"
+        rate = self.pages / seconds if seconds > 0 else 0.0
+        return (f"{self.done} comics ({self.pages} pages) embedded in {seconds:.1f} s, "
+                f"{rate:,.0f} pages/s{first}")
 
 
 @dg.asset_check(

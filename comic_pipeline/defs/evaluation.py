@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from comic_pipeline import evaluation, tasks
-from comic_pipeline.defs.datasets import load_task_datasets
+from comic_pipeline.defs.datasets import load_task_datasets, pinned_features
 from comic_pipeline.defs.keys import (
     BLOCKING_GATES, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_GATE, REGRESSION_TOLERANCE,
     SEQUENCE_MODEL,
@@ -90,8 +90,7 @@ def evaluation_assets(
     datasets, skipped = load_task_datasets(storage, model_ref.datasets)
     if not datasets:
         raise dg.Failure(f"Model version {version} trained on no dataset (skipped: {skipped}).")
-    comic_ids = list(dict.fromkeys(next(iter(datasets.values())).comic_ids))
-    features = stage3.open().load_features(comic_ids)
+    features = pinned_features(stage3, datasets)  # fails by name if Stage 3 rewrote a comic since
     want_summary = EVALUATION_SUMMARY in context.selected_asset_keys
 
     results: dict[str, evaluation.TaskEvaluation] = {}

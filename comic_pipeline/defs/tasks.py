@@ -10,7 +10,7 @@ from pydantic import Field
 
 from comic_pipeline import fileio, schema, tasks
 from comic_pipeline.defs.keys import COMIC_SPLITS, STAGE3_PANEL_EMBEDDINGS, TASK_KEYS, comics_partitions
-from comic_pipeline.defs.datasets import read_splits
+from comic_pipeline.defs.datasets import PINS_ATTR, read_splits
 from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource
 from comic_pipeline.quarantine import Quarantine
@@ -104,7 +104,7 @@ def task_datasets(
     """One step generates every selected task, so the store is read once."""
     split_of = read_splits(storage, comic_splits)
     store = stage3.open()
-    features = store.load_features(sorted(split_of))
+    features, content_hashes = store.load_pinned(sorted(split_of))  # pinned in every dataset
     task_config = tasks.TaskConfig(
         seed=config.seed, samples_per_page=config.samples_per_page, distractors=config.distractors
     )
@@ -122,6 +122,8 @@ def task_datasets(
             yield dg.Output(ref, output_name=name, metadata={"skipped": skipped.reason},
                             data_version=dg.DataVersion("skipped"))
             continue
+        used = dict.fromkeys(dataset.comic_ids)
+        dataset.attrs[PINS_ATTR] = {str(comic_id): content_hashes[comic_id] for comic_id in used}
         relative, digest = _save(storage, name, dataset)
         chance = float(dataset.attrs.get("chance", spec.chance()))
         ref = TaskDatasetRef(task=name, path=relative, fingerprint=digest, n_options=dataset.n_options,

@@ -10,7 +10,7 @@ import mlflow
 from pydantic import Field
 
 from comic_pipeline import training
-from comic_pipeline.defs.datasets import load_task_datasets
+from comic_pipeline.defs.datasets import load_task_datasets, pinned_features
 from comic_pipeline.defs.keys import SEQUENCE_MODEL, TASK_KEYS
 from comic_pipeline.defs.refs import ModelRef, TaskDatasetRef
 from comic_pipeline.defs.resources import (
@@ -93,8 +93,7 @@ def sequence_model(
     datasets, skipped = load_task_datasets(storage, task_refs)
     if not datasets:
         raise dg.Failure(f"No task dataset to train on (skipped: {skipped}).")
-    comic_ids = list(dict.fromkeys(next(iter(datasets.values())).comic_ids))
-    features = stage3.open().load_features(comic_ids)
+    features = pinned_features(stage3, datasets)  # fails by name if Stage 3 rewrote a comic since
     train_config = train_config_of(config)
     code = training.code_fingerprint()
     fingerprint = training.run_fingerprint(train_config, datasets, features, code)

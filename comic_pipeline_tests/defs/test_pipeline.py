@@ -13,6 +13,7 @@ import dagster as dg
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from comic_pipeline import corpus, schema, store, tasks
 from comic_pipeline.definitions import defs
@@ -26,6 +27,7 @@ from comic_pipeline.defs.report import materialization_metadata, summary_table
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, build_resources
 from comic_pipeline.demo import graph_definitions
 from comic_pipeline.embedding_store import ContextualizedStore
+from comic_pipeline.quarantine import Quarantine
 
 from .conftest import RANGE_END, RANGE_START, TINY_COMICS, TRAINING_GRAPH, start_pipeline, training_run_config
 
@@ -268,6 +270,40 @@ def test_retraining_on_unchanged_data_code_and_config_registers_no_new_version(t
     assert changed.success
     assert materialization_metadata(pipeline.instance, SEQUENCE_MODEL)["unchanged"] is False
     assert pipeline.stored(SEQUENCE_MODEL).version != before.version
+
+
+def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pipeline):
+    pipeline = trained_pipeline
+    changed, bad = pipeline.comic_ids[:2]
+    groups = zarr.open_group(pipeline.resources["stage3"].store_url(), mode="r+")
+    # Stage 3 rewrites one comic with valid but different content: what was made from it is stale
+    array = groups[f"comics/{changed}/panel_embeddings"]
+    array[0, 0] = array[0, 0] + 1.0
+    retrain = pipeline.materialize(["sequence_model"], run_config=training_run_config(epochs=1),
+                                   raise_on_error=False)
+    assert not retrain.success
+    error = str(retrain.failure_data_for_node("sequence_model").error)
+    assert f"(key {changed!r}): pinned" in error and "changed since it was pinned" in error, error[:800]
+
+    # another comic breaks and its re-validation quarantines it
+    groups[f"comics/{bad}/panel_embeddings"][0, 0, 0] = np.nan
+    pipeline.materialize(["stage3_panel_embeddings"], tags={"dagster/partition": bad}, raise_on_error=False)
+    assert set(Quarantine(str(pipeline.home)).records()) == {bad}
+
+    embed = pipeline.materialize_all_comics(["contextualized_embeddings"], raise_on_error=False)
+    assert not embed.success  # the changed comic is named and its partition shows failed ...
+    error = str(embed.failure_data_for_node("contextualized_embeddings").error)
+    assert f"1 of {TINY_COMICS - 1} comics were not embedded" in error and changed in error
+    # ... while every other comic is written, each with its own metadata
+    written = {m.partition: m.metadata for m in embed.asset_materializations_for_node("contextualized_embeddings")}
+    assert set(written) == set(pipeline.comic_ids) - {changed, bad}
+    assert len({m["pages"].value for m in written.values()}) > 1  # per comic, not run totals
+    (skipped,) = embed.asset_observations_for_node("contextualized_embeddings")
+    assert skipped.partition == bad and skipped.metadata["skipped"].value.startswith("quarantined: ")
+
+    # re-validated, the changed comic is embedded again
+    assert pipeline.materialize(["stage3_panel_embeddings"], tags={"dagster/partition": changed}).success
+    assert pipeline.materialize(["contextualized_embeddings"], tags={"dagster/partition": changed}).success
 
 
 def _embed_range(instance_ref, home: str, comics: list[str]) -> bool:
