@@ -82,3 +82,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- a trained home (comic_pipeline_tests.pipelines), for the defs and prod tests ---------------
+@pytest.fixture(scope="session")
+def migrated_mlflow_db(tmp_path_factory):
+    from comic_pipeline_tests.pipelines import migrate_mlflow_db
+
+    return migrate_mlflow_db(tmp_path_factory.mktemp("mlflow-template"))
+
+
+@pytest.fixture(scope="session")
+def prebuilt_home(tmp_path_factory, migrated_mlflow_db):
+    """Store -> validation -> splits -> tasks -> training -> evaluation -> champion -> embeddings,
+    once a session. Read-only: tests get copies (defs: `trained_pipeline`)."""
+    from comic_pipeline_tests.pipelines import build_trained_home
+
+    return build_trained_home(tmp_path_factory.mktemp("prebuilt") / "home", migrated_mlflow_db)

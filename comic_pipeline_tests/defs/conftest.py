@@ -1,41 +1,24 @@
 """Fixtures for the Dagster-layer tests.
 
-One trained home is built once a session (store -> validation -> splits -> tasks -> training ->
-evaluation -> champion -> embeddings) and never touched again: every test that needs it gets its
-own copy (`trained_pipeline`: Dagster instance, refs, stores and MLflow database copied into the
-test's tmp_path), so any test passes alone and in any order. COMIC_TESTS_REVERSE=1 runs the
-collected tests in reverse order, to show it.
+One trained home is built once a session (`prebuilt_home` in the top conftest: store ->
+validation -> splits -> tasks -> training -> evaluation -> champion -> embeddings) and never touched
+again: every test that needs it gets its own copy (`trained_pipeline`: Dagster instance, refs,
+stores and MLflow database copied into the test's tmp_path), so any test passes alone and in any
+order. COMIC_TESTS_REVERSE=1 runs the collected tests in reverse order, to show it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import sqlite3
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import dagster as dg
 import pytest
 
-from comic_pipeline import home
-from comic_pipeline.definitions import defs
-from comic_pipeline.defs.keys import comics_partitions
-from comic_pipeline.defs.resources import PipelineStorage, RefIOManager, build_resources
-from comic_pipeline.demo import graph_definitions
-from comic_pipeline.tracking import Tracking
-
-RANGE_START = "dagster/asset_partition_range_start"
-RANGE_END = "dagster/asset_partition_range_end"
-TINY_COMICS = 48  # corpus.SIZES["tiny"]
-DAGSTER_FOLDER = "dagster"  # the instance, inside the home (so a copy of the home copies it)
-
-# Small but honest: trains for real, long enough that every gate can pass on the tiny corpus.
-TINY_TRAINING = {"preset": "tiny", "epochs": 15, "warmup_steps": 20, "log_every": 100}
-TRAINING_GRAPH = dg.AssetSelection.assets("comic_splits", "sequence_model", "champion_model") | \
-    dg.AssetSelection.groups("tasks", "evaluation")
+from comic_pipeline_tests.pipelines import (  # noqa: F401 - the names these tests import from here
+    DAGSTER_FOLDER, RANGE_END, RANGE_START, TINY_COMICS, TINY_TRAINING, TRAINING_GRAPH, Pipeline,
+    copy_home, make_home, open_pipeline, start_pipeline, training_run_config,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -43,103 +26,8 @@ def pytest_collection_modifyitems(config, items):
         items.reverse()
 
 
-@pytest.fixture(scope="session")
-def migrated_mlflow_db(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("mlflow-template")
-    Tracking(home.mlflow_tracking_uri(str(folder)), "template", "template").ensure_reachable()
-    return folder / "mlflow.db"
-
-
-def make_home(folder: Path, migrated_mlflow_db: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(migrated_mlflow_db, folder / "mlflow.db")
-    return folder
-
-
-def copy_home(source: Path, target: Path) -> Path:
-    """A complete, independent copy of a home: files, Dagster instance, refs and MLflow (whose
-    database holds absolute artifact locations, rewritten to the copy)."""
-    shutil.copytree(source, target)
-    old, new = source.resolve().as_uri(), target.resolve().as_uri()
-    with sqlite3.connect(target / "mlflow.db") as db:
-        for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-            for column in db.execute(f"PRAGMA table_info('{table}')").fetchall():
-                if column[2].upper().startswith(("VARCHAR", "TEXT")):
-                    db.execute(f'UPDATE "{table}" SET "{column[1]}" = replace("{column[1]}", ?, ?)',
-                               (old, new))
-    return target
-
-
-@dataclass
-class Pipeline:
-    home: Path
-    instance: dg.DagsterInstance
-    resources: dict
-    comic_ids: list[str]
-
-    def materialize(self, selection, run_config=None, tags=None, raise_on_error=True, resources=None):
-        return dg.materialize(
-            assets=graph_definitions(defs()),
-            resources=resources or self.resources,
-            selection=selection,
-            instance=self.instance,
-            run_config=run_config,
-            tags=tags,
-            raise_on_error=raise_on_error,
-        )
-
-    def materialize_all_comics(self, selection, **kwargs):
-        keys = list(self.instance.get_dynamic_partitions(comics_partitions.name))
-        return self.materialize(selection, tags={RANGE_START: keys[0], RANGE_END: keys[-1]}, **kwargs)
-
-    def tracking(self) -> Tracking:
-        return self.resources["mlflow_tracking"].tracking()
-
-    def stored(self, key):
-        """The ref the IO manager holds for `key` (what its downstream assets receive)."""
-        io_manager: RefIOManager = self.resources["io_manager"]
-        return io_manager.stored(dg.AssetKey.from_coercible(key))
-
-
-@contextmanager
-def open_pipeline(root: Path) -> Iterator[Pipeline]:
-    """The pipeline of the home at `root`, with its own Dagster instance inside the home."""
-    (root / DAGSTER_FOLDER).mkdir(parents=True, exist_ok=True)
-    with dg.instance_for_test(temp_dir=str(root / DAGSTER_FOLDER)) as instance:
-        resources = build_resources(PipelineStorage(home=str(root)))
-        comic_ids = resources["stage3"].open().comic_ids() if resources["stage3"].exists() else []
-        yield Pipeline(root, instance, resources, comic_ids)
-
-
-def start_pipeline(pipeline: Pipeline, n_comics: int = TINY_COMICS) -> Pipeline:
-    """Write the tiny demo store and register its comics as partitions."""
-    pipeline.materialize(
-        ["stage3_store"], run_config={"ops": {"stage3_store": {"config": {"size": "tiny", "n_comics": n_comics}}}}
-    )
-    pipeline.comic_ids = pipeline.resources["stage3"].open().comic_ids()
-    pipeline.instance.add_dynamic_partitions(comics_partitions.name, pipeline.comic_ids)
-    return pipeline
-
-
-def training_run_config(**overrides) -> dict:
-    return {"ops": {"sequence_model": {"config": {**TINY_TRAINING, **overrides}}}}
-
-
-@pytest.fixture(scope="session")
-def prebuilt_home(tmp_path_factory, migrated_mlflow_db) -> Path:
-    """Store -> validation -> splits -> tasks -> training -> evaluation -> champion -> embeddings,
-    once a session. Read-only: tests get copies (`trained_pipeline`)."""
-    root = make_home(tmp_path_factory.mktemp("prebuilt") / "home", migrated_mlflow_db)
-    with open_pipeline(root) as pipeline:
-        start_pipeline(pipeline)
-        pipeline.materialize_all_comics(["stage3_panel_embeddings"])
-        pipeline.materialize(TRAINING_GRAPH, run_config=training_run_config())
-        pipeline.materialize_all_comics(["contextualized_embeddings"])
-    return root
-
-
 @pytest.fixture
-def trained_pipeline(prebuilt_home, tmp_path) -> Iterator[Pipeline]:
+def trained_pipeline(prebuilt_home: Path, tmp_path) -> Iterator[Pipeline]:
     """This test's own copy of the prebuilt home."""
     with open_pipeline(copy_home(prebuilt_home, tmp_path / "home")) as pipeline:
         yield pipeline

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -21,13 +22,13 @@ from comic_pipeline.defs.resources import (
 )
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.tracking import load_model_uri
+from comic_pipeline_tests.pipelines import CHECKPOINT, TINY_COMICS, TINY_TRAINING
 
 pytestmark = pytest.mark.prod
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
-TINY_TRAINING = {"preset": "tiny", "epochs": 15, "warmup_steps": 20, "log_every": 100}
-N_COMICS = 48  # the whole tiny corpus: fewer comics leave too few test samples for every gate
+N_COMICS = TINY_COMICS  # the whole tiny corpus: fewer comics leave too few test samples for every gate
 
 
 def postgres_instance_overrides(services) -> dict:
@@ -69,8 +70,13 @@ class S3Pipeline:
 
 
 @pytest.fixture(scope="module")
-def s3_pipeline(prod_services):
+def s3_pipeline(prod_services, prebuilt_home):
     home_url = f"s3://{prod_services.new_bucket('home')}/comic-pipeline"
+    # The local prebuilt home trained on the same corpus, config and code: its finished checkpoint
+    # on S3 makes sequence_model resume at its end (what a crashed run's successor does) instead
+    # of training the same weights again; the run still registers and logs every epoch's curves.
+    with open(Path(prebuilt_home).joinpath(*CHECKPOINT), "rb") as handle:
+        fileio.atomic_write_bytes(fileio.join(home_url, *CHECKPOINT), handle.read())
     resources = s3_resources(home_url, prod_services.mlflow_uri)
     with dg.instance_for_test(overrides=postgres_instance_overrides(prod_services)) as instance:
         instance.wipe()  # the session's `dagster` database may hold another module's runs
@@ -86,6 +92,8 @@ def s3_pipeline(prod_services):
             dg.AssetSelection.groups("tasks", "evaluation")
         assert materialize(resources, instance, graph,
                            run_config={"ops": {"sequence_model": {"config": TINY_TRAINING}}}).success
+        trained = materialization_metadata(instance, dg.AssetKey("sequence_model"))
+        assert trained["resumed_from_epoch"] == trained["epochs_run"] > 0, trained  # the same fingerprint
         assert materialize(resources, instance, ["contextualized_embeddings"],
                            tags={RANGE_START: keys[0], RANGE_END: keys[-1]}).success
         yield S3Pipeline(home_url, instance, resources, comic_ids, prod_services)
@@ -120,6 +128,10 @@ def test_champion_alias_is_set_through_the_tracking_server_and_loads(s3_pipeline
     assert champion is not None
     model = load_model_uri("models:/comic-sequence-model@champion", tracking.tracking_uri)
     assert model.config.d_model > 0
+    # the run that resumed a finished checkpoint still carries the curves of every epoch
+    history = tracking.client().get_metric_history(tracking.run_id_of(champion), "val_mean_accuracy")
+    epochs = materialization_metadata(s3_pipeline.instance, dg.AssetKey("sequence_model"))["epochs_run"]
+    assert sorted(m.step for m in history) == list(range(1, epochs + 1))
 
 
 def test_embeddings_land_on_s3_and_read_back(s3_pipeline):
