@@ -1,7 +1,9 @@
 """Host-side batch assembly: task samples + page features -> the model's typed batches.
 
-The page features become flat panel tables on the device ONCE (`feature_tables`); a batch is a set
-of sample indices turned into model inputs by torch indexing only (`TaskBatches.batch`). What a
+The page features become flat panel tables in host memory ONCE (`feature_tables`); a batch is a set
+of sample indices turned into model inputs by torch indexing only (`TaskBatches.batch`), gathered on
+the host and then moved to the device (through pinned memory, without blocking, on CUDA), so device
+memory holds a few batches however large the corpus. What a
 batch holds for a task is read from the task's spec (comic_pipeline.tasks), never its name:
 
 | spec                        | context sequence                                 | query     | options        |
@@ -20,6 +22,7 @@ P panels of a page, K options, X text boxes of a panel, D input dim.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -223,11 +226,29 @@ def check_dataset(task: str, dataset: TaskDataset, features: PageFeatures) -> No
             raise ValueError(f"{where}: MASK in a context of a task that asks after the context")
 
 
-class TaskBatches:
-    """Task datasets + page features as device tensors; sample indices -> model batches.
+def to_device(value, device: torch.device):
+    """A batch (dataclass, dict or tensor) with every tensor on `device`. Host tensors bound for
+    CUDA are pinned first so the copy runs asynchronously (non_blocking) beside compute."""
+    if device.type == "cpu":
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu" and device.type == "cuda":
+            value = value.pin_memory()
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value)})
+    return value
 
-    The features become flat panel tables on `device` once; every split's samples become device
-    tensors once. `batch(task, split, indices)` is torch indexing only.
+
+class TaskBatches:
+    """Task datasets + page features in host memory; sample indices -> model batches on `device`.
+
+    The features become flat panel tables once and every split's samples tensors once, both on
+    the host; `batch(task, split, indices)` is torch indexing there, and only the batch moves to
+    `device` (so device memory does not grow with the corpus).
     """
 
     def __init__(self, datasets: Mapping[str, TaskDataset], features: PageFeatures, *,
@@ -245,9 +266,10 @@ class TaskBatches:
         for task, dataset in datasets.items():
             check_dataset(task, dataset, features)
         self.tasks = tuple(t for t in TASK_NAMES if t in datasets)
-        self.tables = feature_tables(features, self.device)
+        host = torch.device("cpu")
+        self.tables = feature_tables(features, host)
         self.samples_of: dict[str, dict[str, Samples]] = {
-            task: {split: samples.map(lambda a: torch.as_tensor(np.ascontiguousarray(a), device=self.device))
+            task: {split: samples.map(lambda a: torch.as_tensor(np.ascontiguousarray(a), device=host))
                    for split, samples in datasets[task].splits.items()}
             for task in self.tasks
         }
@@ -257,13 +279,14 @@ class TaskBatches:
         return len(samples) if samples is not None else 0
 
     def samples(self, task: str, split: str, indices) -> Samples:
-        index = torch.as_tensor(indices, device=self.device, dtype=torch.long)
+        """Samples `indices` of `task` in `split` (host tensors)."""
+        index = torch.as_tensor(indices, dtype=torch.long)
         return self.samples_of[task][split].take(index)
 
     def batch(self, task: str, split: str, indices) -> TaskBatch:
-        """Model inputs of samples `indices` (B,) of `task` in `split`."""
-        return task_batch(spec_of(task), self.samples(task, split, indices), self.tables,
-                          self.modalities, self.max_panels)
+        """Model inputs of samples `indices` (B,) of `task` in `split`, on the device."""
+        return to_device(task_batch(spec_of(task), self.samples(task, split, indices), self.tables,
+                                    self.modalities, self.max_panels), self.device)
 
     def page_rows(self, split: str) -> np.ndarray:
         """Sorted page rows used by any task's `split` (the comics of that split)."""
@@ -272,9 +295,9 @@ class TaskBatches:
 
     def pages(self, rows, *, keep_prob: float = 0.6, temperature: float = 0.1) -> PageBatch:
         """Whole pages (B,) rows -> a PageBatch (inputs (B, P, ...), panel_mask (B, P))."""
-        rows = torch.as_tensor(rows, device=self.device, dtype=torch.long)
-        slots = torch.arange(self.max_panels, device=self.device)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        slots = torch.arange(self.max_panels)
         refs = rows[:, None] * self.max_panels + slots  # (B, P)
         panel_mask = self.tables["panel_mask"][rows]  # (B, P)
         inputs = gather_panels(self.tables, torch.where(panel_mask, refs, -1), self.modalities)
-        return PageBatch(inputs, panel_mask, keep_prob, temperature)
+        return to_device(PageBatch(inputs, panel_mask, keep_prob, temperature), self.device)

@@ -228,6 +228,21 @@ def test_task_batches_gather_by_indexing(small):
     np.testing.assert_array_equal(pages.inputs["text"].numpy(), features.text[[2, 5]])
 
 
+
+def test_task_batches_keep_the_corpus_on_the_host_and_move_only_batches(small):
+    """Device memory holds batches, never the corpus: tables and samples stay in host memory."""
+    features, datasets = small
+    batches = TaskBatches(datasets, features, device="meta", modalities=tuple(features.modalities))
+    assert {t.device.type for t in batches.tables.values()} == {"cpu"}
+    assert {s.page.device.type for by_split in batches.samples_of.values() for s in by_split.values()} == {"cpu"}
+    batch = batches.batch("text_cloze", "train", np.array([0, 3]))
+    moved = [batch.kind, batch.positions, batch.query_index, batch.label,
+             *batch.context.values(), *batch.options.values()]
+    assert {t.device.type for t in moved} == {"meta"}
+    pages = batches.pages(np.array([1, 2]))
+    assert {t.device.type for t in [pages.panel_mask, *pages.inputs.values()]} == {"meta"}
+    assert {t.device.type for t in batches.tables.values()} == {"cpu"}
+
 def test_bad_inputs_are_clear_errors(small):
     features, datasets = small
     config = TrainConfig(**{**FAST, "epochs": 1})
