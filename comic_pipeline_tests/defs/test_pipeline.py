@@ -26,7 +26,9 @@ from comic_pipeline.defs.refs import EvaluationReport, ModelRef, SplitsRef, Task
 from comic_pipeline.defs.report import materialization_metadata, summary_table
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, build_resources
 from comic_pipeline.demo import graph_definitions
+from comic_pipeline.comic_names import comic_key
 from comic_pipeline.embedding_store import ContextualizedStore
+from comic_pipeline.page_search import PageSearch
 from comic_pipeline.quarantine import Quarantine
 
 from .conftest import RANGE_END, RANGE_START, TINY_COMICS, TRAINING_GRAPH, start_pipeline, training_run_config
@@ -342,23 +344,34 @@ def test_a_comic_added_to_the_store_is_found_and_embedded(trained_pipeline):
     pipeline = trained_pipeline
     config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=TINY_COMICS + 1)
     new = corpus.generate_comic(config, TINY_COMICS)  # the next comic of the same generator
-    store.write_native_comic(pipeline.resources["stage3"].store_url(), new.comic_id,
+    name = "Tintin - L'Île noire (1938) #2, Casterman & co/édition"  # as a real collection names it
+    key = comic_key(name)
+    store.write_native_comic(pipeline.resources["stage3"].store_url(), name,
                              page_ids=new.page_ids, title=new.title, arrays=new.arrays)
     validation = _evaluate_sensor(pipeline.instance, pipeline.resources)
     (request,) = validation.run_requests
-    assert request.partition_key == new.comic_id
+    assert request.partition_key == key != name
     assert request.asset_selection == [dg.AssetKey("stage3_panel_embeddings")]
-    pipeline.instance.add_dynamic_partitions("comics", [new.comic_id])
-    assert pipeline.materialize(request.asset_selection, tags={"dagster/partition": new.comic_id}).success
+    pipeline.instance.add_dynamic_partitions("comics", [key])
+    validated = pipeline.materialize(request.asset_selection, tags={"dagster/partition": key})
+    (materialization,) = validated.asset_materializations_for_node("stage3_panel_embeddings")
+    assert materialization.metadata["comic"].value == name
     # the next tick: a champion exists and the new comic is validated but has no embeddings
     embedding = _evaluate_sensor(pipeline.instance, pipeline.resources)
     (request,) = embedding.run_requests
-    assert request.partition_key == new.comic_id
+    assert request.partition_key == key
     assert request.asset_selection == [dg.AssetKey("contextualized_embeddings")]
-    assert pipeline.materialize(request.asset_selection, tags={"dagster/partition": new.comic_id}).success
-    comic = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url()).read(new.comic_id)
+    embedded = pipeline.materialize(request.asset_selection, tags={"dagster/partition": key})
+    (materialization,) = embedded.asset_materializations_for_node("contextualized_embeddings")
+    assert materialization.metadata["comic"].value == name
+    output = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url())
+    comic = output.read(key)
     assert comic.attrs["model_version"] == pipeline.tracking().champion_version()
-    assert comic.page_ids == new.page_ids
+    assert comic.attrs["comic_name"] == name and comic.page_ids == new.page_ids
+    # Stage 5 finds its pages by the original name
+    nearest = PageSearch(output).nearest_pages((name, 0), k=3)
+    assert len(nearest) == 3
+    assert PageSearch(output).strip_matrix([key])[1]["comic_name"].unique().tolist() == [name]
     assert isinstance(_evaluate_sensor(pipeline.instance, pipeline.resources), dg.SkipReason)
 
 
