@@ -26,7 +26,8 @@ class TrainingConfig(dg.Config):
     (train_config.PRESETS, one table of sizes and settings); the preset defaults to the profile's."""
 
     preset: Optional[str] = Field(default=None, description="Model size and settings preset: tiny, "
-                                  "demo or full; default: the profile's ($COMIC_PIPELINE_PROFILE).")
+                                  "demo or full; default: full for a configured Stage 3 store, the "
+                                  "profile's ($COMIC_PIPELINE_PROFILE) for the demo corpus.")
     d_model: Optional[int] = Field(default=None, description="Width (default: the preset's).")
     n_layers: Optional[int] = Field(default=None, description="Transformer blocks (default: the preset's).")
     n_heads: Optional[int] = Field(default=None, description="Attention heads (default: the preset's).")
@@ -55,11 +56,14 @@ class TrainingConfig(dg.Config):
     eval_batch_size: Optional[int] = Field(default=None, description="Samples per validation batch.")
 
 
-def train_config_of(config: TrainingConfig) -> TrainConfig:
-    """The domain config: the preset with every field set in the launchpad (None: the preset's)."""
+def train_config_of(config: TrainingConfig, stage3: Stage3StoreResource) -> TrainConfig:
+    """The domain config: the preset with every field set in the launchpad (None: the preset's).
+    No preset given: `full` (the real-use size, DESIGN §5) for a configured Stage 3 store, the
+    profile's (demo or tiny) for the demo corpus."""
     overrides = {name: value for name, value in config.model_dump().items()
                  if name != "preset" and value is not None}
-    return TrainConfig.from_preset(config.preset or profile(), **overrides)
+    preset = config.preset or (profile() if stage3.is_demo() else "full")
+    return TrainConfig.from_preset(preset, **overrides)
 
 
 @dg.asset(
@@ -94,7 +98,7 @@ def sequence_model(
     if not datasets:
         raise dg.Failure(f"No task dataset to train on (skipped: {skipped}).")
     features = pinned_features(stage3, datasets)  # fails by name if Stage 3 rewrote a comic since
-    train_config = train_config_of(config)
+    train_config = train_config_of(config, stage3)
     code = training.code_fingerprint()
     fingerprint = training.run_fingerprint(train_config, datasets, features, code)
     existing = tracking.version_trained_as(fingerprint)

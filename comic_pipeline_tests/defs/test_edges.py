@@ -165,3 +165,18 @@ def test_champion_model_blocks_a_regression_and_lists_every_comparison(tmp_path,
     metadata = {k: getattr(v, "value", v) for k, v in promoted.metadata.items()}
     assert metadata["regressions_allowed"] == 1 and metadata["previous_champion"] == "1"
     assert metadata["stale_comics"] == 0 and metadata["refresh"] == "nothing to refresh"
+
+
+def test_the_default_model_size_is_real_use_for_a_configured_store(tmp_path, monkeypatch):
+    from comic_pipeline.defs.resources import Stage3StoreResource
+    from comic_pipeline.defs.training import TrainingConfig, train_config_of
+
+    monkeypatch.setenv("COMIC_PIPELINE_PROFILE", "tiny")
+    storage = PipelineStorage(home=str(tmp_path))
+    demo = Stage3StoreResource(storage=storage)
+    configured = Stage3StoreResource(storage=storage, url=str(tmp_path / "stage3.zarr"))
+    assert train_config_of(TrainingConfig(), demo).resolved().d_model == 32  # the profile's size
+    full = train_config_of(TrainingConfig(), configured).resolved()
+    assert (full.preset, full.d_model, full.n_layers, full.n_heads) == ("full", 512, 6, 8)
+    chosen = train_config_of(TrainingConfig(preset="demo", epochs=2), configured).resolved()
+    assert (chosen.preset, chosen.epochs) == ("demo", 2)
