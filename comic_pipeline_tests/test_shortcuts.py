@@ -169,3 +169,16 @@ def test_text_tasks_are_learnable_by_a_linear_probe(demo, task):
     print(f"{task} linear probe", accuracy)
     for split, value in accuracy.items():
         assert value >= dataset.attrs["chance"] + PROBE_MARGIN, (split, value)
+
+
+def test_the_audit_command_prints_margins_before_and_after():
+    from comic_pipeline import audit
+
+    after = audit.audit_table(size="tiny", split="test", sampling="new", slot_signature=0.5)
+    before = audit.audit_table(size="tiny", split="test", sampling="old", slot_signature=0.5)
+    for matrix in (before, after):
+        assert {"slot_oracle", audit.OPTION_ONLY} <= set(matrix.index)
+        assert "visual_closure" in matrix.columns
+    # the planted per-slot trace gives the old sampling away to the slot oracle, not the new one
+    assert before.loc["slot_oracle", "visual_closure"] > 0.2
+    assert after.loc["slot_oracle", "visual_closure"] < 0.1
