@@ -7,7 +7,8 @@ from dagster._core.execution.backfill import BulkActionStatus  # no public name 
 
 from comic_pipeline.defs.keys import (
     CHAMPION_MODEL, COMIC_SPLITS, CONTEXTUALIZED_EMBEDDINGS, EVALUATION_KEYS, EVALUATION_SUMMARY,
-    SEQUENCE_MODEL, STAGE3_PANEL_EMBEDDINGS, STALE_EMBEDDINGS_CHECK, TASK_KEYS, comics_partitions,
+    SEQUENCE_MODEL, STAGE3_PANEL_EMBEDDINGS, STAGE3_STORE, STALE_EMBEDDINGS_CHECK, TASK_KEYS,
+    comics_partitions,
 )
 from comic_pipeline.defs.resources import Stage3StoreResource
 from comic_pipeline.embedding_store import ContextualizedStore
@@ -66,10 +67,16 @@ def _range_requests(keys: list[str], ordered: list[str], selection: list[dg.Asse
         "is reported, the others are validated). Once champion_model has promoted a model, the "
         "next tick requests the embeddings of validated comics that have none. Up to 500 new "
         "comics per tick. On a fresh home it waits for the store: materialize stage3_store first. "
-        "Comics that vanished from the store are retired (partitions removed) and reported."
+        "Comics that vanished from the store are retired (partitions removed) and reported. While "
+        "a run materializes stage3_store it waits (a store being written is not yet what it holds)."
     ),
 )
 def new_comics_sensor(context: dg.SensorEvaluationContext, stage3: Stage3StoreResource):
+    writers = runs_writing_the_store(context.instance)
+    if writers:
+        # Rewriting the demo store empties it first: listed now, its comics would look vanished.
+        return dg.SkipReason(f"stage3_store is being written by run {writers[0]}; comics are listed "
+                             "once it has finished.")
     if not stage3.exists():
         if not stage3.is_demo():
             return dg.SkipReason(f"The configured Stage 3 store {stage3.store_url()} does not exist "
@@ -111,6 +118,13 @@ def new_comics_sensor(context: dg.SensorEvaluationContext, stage3: Stage3StoreRe
         return dg.SkipReason("No new comics in the store; every validated comic is embedded.")
     return dg.SensorResult(run_requests=_range_requests(
         unembedded, ordered, [CONTEXTUALIZED_EMBEDDINGS], "embed-new-comics"))
+
+
+def runs_writing_the_store(instance: dg.DagsterInstance) -> list[str]:
+    """Ids of queued or running runs that materialize stage3_store."""
+    records = instance.get_run_records(dg.RunsFilter(statuses=IN_PROGRESS))
+    return [r.dagster_run.run_id for r in records
+            if STAGE3_STORE in (r.dagster_run.asset_selection or ())]
 
 
 def _report_retired(context: dg.SensorEvaluationContext, stage3: Stage3StoreResource,

@@ -1,13 +1,10 @@
-"""Fixtures for the browser end-to-end test: a seeded home, `dagster dev` in its own process group,
+"""Fixtures for the browser end-to-end test: an empty home, `dagster dev` in its own process group,
 headless Chromium through Playwright, and step screenshots under test-output/e2e/.
 
-Why the home is seeded before the UI starts: on a fresh instance the `comics` partitions do not
-exist until `new_comics_sensor` finds the Stage 3 store (it then validates all new comics in one run
-per tick). The fixture plays Stage 3 and the sensor's first tick instead: it writes the tiny demo
-store and registers its comics as partitions through the Python API. When the UI starts, the sensor
-finds nothing new, and "Materialize all" in the browser is then what a user would click: one
-backfill over every comic and every unpartitioned asset. (Walking the empty-home path through the
-browser — stage3_store, the sensor's tick, retrain, stale view — is still to be written.)
+The home holds nothing but the Dagster instance config (dagster.yaml, copied as `make home` does):
+no Stage 3 store, no partitions, no MLflow database. Everything after that is done in the browser
+(clicks) or by the automation `dagster dev` runs by default (new_comics_sensor, the stale-embedding
+automation); the test only waits for it through Dagster's GraphQL API.
 """
 
 from __future__ import annotations
@@ -64,7 +61,7 @@ class DagsterUI:
     home: Path
     log_path: Path
     process: subprocess.Popen
-    comic_ids: list[str]
+    ready_at: float = 0.0  # wall clock (time.time()) when the UI and its daemons were ready
 
     # --- GraphQL -----------------------------------------------------------------------------
     def graphql(self, query: str, variables: dict | None = None, timeout_s: float = 60) -> dict:
@@ -169,11 +166,118 @@ class DagsterUI:
         value_fields = ("floatValue", "intValue", "text", "path", "boolValue")
         return {e["label"]: next((e[f] for f in value_fields if f in e), None) for e in entries}
 
+    def wait_until(self, what: str, condition, timeout_s: float, every_s: float = 3):
+        """Poll `condition()` until it returns something truthy (returned); fail naming `what`."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = condition()
+            if value:
+                return value
+            if self.process.poll() is not None:
+                raise AssertionError(f"dagster dev exited ({self.process.returncode}) while waiting "
+                                     f"for {what}; log tail:\n{_tail(self.log_path)}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+            time.sleep(every_s)
+
+    def runs(self, tags: dict[str, str] | None = None, limit: int = 100) -> list[dict]:
+        """The newest runs first, optionally only those with all of `tags`."""
+        data = self.graphql("""query ($filter: RunsFilter, $limit: Int) {
+            runsOrError(filter: $filter, limit: $limit) { __typename
+              ... on Runs { results { runId status jobName runConfigYaml
+                  tags { key value } assetSelection { path } } }
+              ... on PythonError { message } } }""",
+                            {"filter": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
+                             "limit": limit})
+        result = data["runsOrError"]
+        assert result["__typename"] == "Runs", f"listing runs failed: {result}"
+        return result["results"]
+
+    def run_ids(self) -> set[str]:
+        return {run["runId"] for run in self.runs()}
+
+    def new_run(self, known: set[str], timeout_s: float = 60) -> dict:
+        """The one run launched from the UI since `known` was listed (what the click launched;
+        runs of sensors, automation and backfills that started meanwhile are not it)."""
+        def launched():
+            new = [run for run in self.runs() if run["runId"] not in known and _from_a_click(run)]
+            assert len(new) <= 1, f"expected one new run, found {[(r['runId'][:8], r['jobName']) for r in new]}"
+            return new[0] if new else None
+        return self.wait_until("a run launched by the click", launched, timeout_s, every_s=1)
+
+    def run(self, run_id: str) -> dict:
+        data = self.graphql("""query ($id: ID!) { runOrError(runId: $id) { __typename
+            ... on Run { runId status jobName runConfigYaml tags { key value } assetSelection { path } }
+            ... on RunNotFoundError { message } ... on PythonError { message } } }""", {"id": run_id})
+        run = data["runOrError"]
+        assert run["__typename"] == "Run", f"run {run_id}: {run}"
+        return run
+
+    def wait_for_run(self, run_id: str, timeout_s: float) -> dict:
+        """Poll until the run has finished; the finished run (status SUCCESS, FAILURE, CANCELED)."""
+        def finished():
+            run = self.run(run_id)
+            return run if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") else None
+        return self.wait_until(f"run {run_id} to finish", finished, timeout_s)
+
+    def assert_run_succeeded(self, run: dict) -> None:
+        assert run["status"] == "SUCCESS", (
+            f"run {run['runId']} ({run['jobName']}) ended {run['status']}\n{self.run_failures(run['runId'])}")
+
+    def step_failures(self, run_id: str) -> dict[str, str]:
+        """step key -> its failure message (the asset's own, innermost error)."""
+        data = self.graphql("""query ($id: ID!) { logsForRun(runId: $id, limit: 5000) {
+            ... on EventConnection { events { __typename
+              ... on ExecutionStepFailureEvent { stepKey error { message
+                    cause { message cause { message cause { message } } } } } } } } }""",
+                            {"id": run_id})
+        events = data["logsForRun"].get("events", [])
+        return {e["stepKey"]: _root_message(e.get("error")) for e in events
+                if e["__typename"] == "ExecutionStepFailureEvent"}
+
+    def latest_materialization(self, path: list[str]) -> dict | None:
+        """{runId, timestamp (s since the epoch), partition} of an asset's latest materialization."""
+        data = self.graphql("""query ($key: AssetKeyInput!) { assetNodes(assetKeys: [$key]) {
+            assetMaterializations(limit: 1) { runId timestamp partition } } }""", {"key": {"path": path}})
+        (node,) = data["assetNodes"]
+        if not node["assetMaterializations"]:
+            return None
+        latest = node["assetMaterializations"][0]
+        return {**latest, "timestamp": float(latest["timestamp"]) / 1000}
+
+    def partition_stats(self, path: list[str]) -> dict:
+        data = self.graphql("""query ($key: AssetKeyInput!) { assetNodes(assetKeys: [$key]) {
+            partitionStats { numMaterialized numPartitions numFailed } } }""", {"key": {"path": path}})
+        (node,) = data["assetNodes"]
+        return node["partitionStats"]
+
+    def check_executions(self, path: list[str], check: str, limit: int = 5) -> list[dict]:
+        """The newest executions of an asset check: runId, status, and the evaluation's passed
+        flag, severity, description and metadata (label -> value)."""
+        data = self.graphql("""query ($key: AssetKeyInput!, $check: String!, $limit: Int!) {
+            assetCheckExecutions(assetKey: $key, checkName: $check, limit: $limit) {
+              runId status timestamp evaluation { success severity description
+                metadataEntries { label __typename ... on TextMetadataEntry { text }
+                  ... on IntMetadataEntry { intValue } ... on FloatMetadataEntry { floatValue } } } } }""",
+                            {"key": {"path": path}, "check": check, "limit": limit})
+        executions = []
+        for execution in data["assetCheckExecutions"]:
+            evaluation = execution["evaluation"] or {}
+            metadata = {e["label"]: next((e[f] for f in ("text", "intValue", "floatValue") if f in e), None)
+                        for e in evaluation.get("metadataEntries", [])}
+            executions.append({**execution, "evaluation": evaluation and {**evaluation, "metadata": metadata}})
+        return executions
+
     def materialized_partitions(self, path: list[str], run_ids: set[str]) -> set[str]:
         data = self.graphql("""query ($key: AssetKeyInput!) { assetNodes(assetKeys: [$key]) {
             assetMaterializations(limit: 1000) { partition runId } } }""", {"key": {"path": path}})
         (node,) = data["assetNodes"]
         return {m["partition"] for m in node["assetMaterializations"] if m["runId"] in run_ids}
+
+
+def _from_a_click(run: dict) -> bool:
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    return tags.get("dagster/from_ui") == "true" and "dagster/backfill" not in tags
 
 
 def _root_message(error: dict | None) -> str:
@@ -183,21 +287,11 @@ def _root_message(error: dict | None) -> str:
     return (error or {}).get("message", "").strip()
 
 
-def _seed_home(home: Path) -> list[str]:
-    """The instance config, the tiny demo store, and one `comics` partition per comic in it."""
-    import dagster as dg
-
-    from comic_pipeline import corpus
-    from comic_pipeline import home as home_paths
-    from comic_pipeline.defs.stage3 import comics_partitions
-
+def _empty_home(home: Path) -> None:
+    """What `make home` makes: the home folder with the Dagster instance config, nothing else."""
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True)
     shutil.copy(REPO / "dagster_home" / "dagster.yaml", dagster_home / "dagster.yaml")
-    comic_ids = corpus.write_demo_store(home_paths.demo_store_url(str(home)), corpus.SIZES["tiny"])
-    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
-        instance.add_dynamic_partitions(comics_partitions.name, comic_ids)
-    return sorted(comic_ids)
 
 
 def _default_sigint() -> None:
@@ -266,7 +360,7 @@ def dagster_ui(tmp_path_factory) -> Iterator[DagsterUI]:
     for old in OUTPUT.glob("*.png"):
         old.unlink()
     home = tmp_path_factory.mktemp("e2e") / "home"
-    comic_ids = _seed_home(home)
+    _empty_home(home)
     env = {k: v for k, v in os.environ.items() if k not in ("COMIC_STAGE3_STORE", "COMIC_STAGE3_METADATA")}
     env.update(COMIC_PIPELINE_HOME=str(home), DAGSTER_HOME=str(home / "dagster"),
                COMIC_PIPELINE_PROFILE="tiny", PYTHONUNBUFFERED="1")
@@ -280,8 +374,9 @@ def dagster_ui(tmp_path_factory) -> Iterator[DagsterUI]:
             preexec_fn=_default_sigint,
         )
     try:
-        ui = DagsterUI(f"http://127.0.0.1:{port}", home, log_path, process, comic_ids)
+        ui = DagsterUI(f"http://127.0.0.1:{port}", home, log_path, process)
         _wait_until_ready(ui)
+        ui.ready_at = time.time()
         print(f"\n[e2e] dagster dev at {ui.url}, home {home}, log {log_path}", flush=True)
         yield ui
     finally:
