@@ -17,8 +17,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from comic_pipeline.embedding_store import ensure_root, write_comic
-from comic_pipeline.schema import PageFeatures
-from comic_pipeline.store import check_pins, join_pages
+from comic_pipeline.schema import PageFeatures, join_pages
+from comic_pipeline.stage3_checks import check_pins
 
 READERS = 4  # comics loading at once ahead of the encoder
 

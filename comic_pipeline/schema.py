@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -110,6 +110,24 @@ class PageFeatures:
             else:
                 joined[f.name] = np.concatenate(arrays, axis=0)
         return PageFeatures(**joined)
+
+
+def join_pages(parts: Sequence[PageFeatures]) -> PageFeatures:
+    """PageFeatures.concatenate of `parts` after bringing them to common modalities (those every
+    part has) and one B (text boxes padded with invalid, zero boxes to the largest B)."""
+    common = frozenset.intersection(*(part.modalities for part in parts))
+    boxes = max((part.max_boxes for part in parts), default=0) if "text" in common else 0
+    aligned = []
+    for part in parts:
+        changes = {m: None for m in part.modalities - common}
+        if "text" in common and part.max_boxes < boxes:
+            grow = ((0, 0), (0, 0), (0, boxes - part.max_boxes))
+            changes["text_mask"] = np.pad(part.text_mask, grow)
+            changes["text"] = np.pad(part.text, grow + ((0, 0),))
+        elif "text" not in common:
+            changes["text_mask"] = None
+        aligned.append(part if not changes else dataclasses.replace(part, **changes))
+    return aligned[0] if len(aligned) == 1 else PageFeatures.concatenate(aligned)
 
 
 # --- samples --------------------------------------------------------------------------------

@@ -161,3 +161,25 @@ def validate_comic_arrays(comic: str, page_ids: Sequence[str], arrays: Mapping[s
     for name, values in arrays.items():
         if name not in MASK_ARRAYS:
             check_finite(comic, name, page_ids, values, text_mask if name == "text" else panel_mask)
+
+
+class Stage3Changed(Stage3StoreError):
+    """Comics whose Stage 3 content differs from the content hash pinned downstream."""
+
+
+def check_pins(pinned: Mapping[str, str], current: Mapping[str, str],
+               names: Mapping[str, str] | None = None) -> None:
+    """Raise Stage3Changed naming every comic of `current` whose hash is not its pin (a comic
+    without a pin counts as changed: nothing downstream was made from it)."""
+    names = names or {}
+    changed = [key for key, digest in current.items() if pinned.get(key) != digest]
+    if changed:
+        described = "; ".join(
+            f"comic {str(names.get(key, key))!r} (key {str(key)!r}): pinned "
+            f"{(pinned.get(key) or 'nothing')[:12]}, now {current[key][:12]}" for key in changed[:20])
+        more = f" and {len(changed) - 20} more" if len(changed) > 20 else ""
+        raise Stage3Changed(
+            f"Stage 3 content of {len(changed)} comic(s) changed since it was pinned: {described}{more}. "
+            "Re-validate them (stage3_panel_embeddings) and regenerate the task datasets "
+            "(comic_splits and the tasks group) before training, evaluating or embedding them."
+        )

@@ -37,9 +37,9 @@ from comic_pipeline import fileio
 from comic_pipeline.comic_groups import COMICS, list_children, page_chunks, read_json, root_format_problem
 from comic_pipeline.comic_names import HASH_SEPARATOR, ComicNameError, check_comic_name, comic_key, \
     is_comic_key, is_group_name
-from comic_pipeline.schema import MODALITY_ARRAYS, PageFeatures
-from comic_pipeline.stage3_checks import Stage3StoreError, check_finite, check_layout, \
-    check_masks, check_page_ids, check_prefix, comic_error, validate_comic_arrays, zero_padding
+from comic_pipeline.schema import MODALITY_ARRAYS, PageFeatures, join_pages
+from comic_pipeline.stage3_checks import Stage3Changed, Stage3StoreError, check_finite, check_layout, \
+    check_masks, check_pins, check_page_ids, check_prefix, comic_error, validate_comic_arrays, zero_padding
 from comic_pipeline.stage3_legacy import LEGACY_EMBEDDINGS, LEGACY_MASKS, LegacyArrays, LegacyIndex, \
     read_legacy_metadata
 
@@ -431,52 +431,6 @@ class Stage3Store:
         if not wanted:
             raise Stage3StoreError(f"Stage 3 store {self.url!r}: no modality to load")
         return readers, wanted
-
-
-class Stage3Changed(Stage3StoreError):
-    """Comics whose Stage 3 content differs from the content hash pinned downstream."""
-
-
-def check_pins(pinned: Mapping[str, str], current: Mapping[str, str],
-               names: Mapping[str, str] | None = None) -> None:
-    """Raise Stage3Changed naming every comic of `current` whose hash is not its pin (a comic
-    without a pin counts as changed: nothing downstream was made from it)."""
-    names = names or {}
-    changed = [key for key, digest in current.items() if pinned.get(key) != digest]
-    if changed:
-        described = "; ".join(
-            f"comic {str(names.get(key, key))!r} (key {str(key)!r}): pinned "
-            f"{(pinned.get(key) or 'nothing')[:12]}, now {current[key][:12]}" for key in changed[:20])
-        more = f" and {len(changed) - 20} more" if len(changed) > 20 else ""
-        raise Stage3Changed(
-            f"Stage 3 content of {len(changed)} comic(s) changed since it was pinned: {described}{more}. "
-            "Re-validate them (stage3_panel_embeddings) and regenerate the task datasets "
-            "(comic_splits and the tasks group) before training, evaluating or embedding them."
-        )
-
-
-def join_pages(parts: Sequence[PageFeatures]) -> PageFeatures:
-    """PageFeatures.concatenate of `parts` after bringing them to common modalities (those every
-    part has) and one B (text boxes padded with invalid, zero boxes to the largest B)."""
-    common = frozenset.intersection(*(part.modalities for part in parts))
-    boxes = max((part.max_boxes for part in parts), default=0) if "text" in common else 0
-    aligned = []
-    for part in parts:
-        changes = {m: None for m in part.modalities - common}
-        if "text" in common and part.max_boxes < boxes:
-            grow = ((0, 0), (0, 0), (0, boxes - part.max_boxes))
-            changes["text_mask"] = np.pad(part.text_mask, grow)
-            changes["text"] = np.pad(part.text, grow + ((0, 0),))
-        elif "text" not in common:
-            changes["text_mask"] = None
-        aligned.append(part if not changes else _replace(part, changes))
-    return aligned[0] if len(aligned) == 1 else PageFeatures.concatenate(aligned)
-
-
-def _replace(features: PageFeatures, changes: dict) -> PageFeatures:
-    fields = {name: getattr(features, name) for name in features.__dataclass_fields__}
-    fields.update(changes)
-    return PageFeatures(**fields)
 
 
 # --- writing the native layout -----------------------------------------------------------------
