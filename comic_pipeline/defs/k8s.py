@@ -12,8 +12,8 @@ inert. The cluster decides the numbers, through environment variables of the cod
   COMIC_PIPELINE_GPU_STEP_CPU / COMIC_PIPELINE_GPU_STEP_MEMORY  requests beside the GPU
                                   (defaults 4 and 16Gi)
 
-`executor_for_environment()` picks `k8s_job_executor` (deploy/k8s-executor.yaml) when
-COMIC_PIPELINE_EXECUTOR=k8s, the multiprocess executor otherwise.
+`executor_for_environment()` picks the executor from COMIC_PIPELINE_EXECUTOR: `in_process` (the
+default on one machine), `multiprocess`, or `k8s` (`k8s_job_executor`, deploy/k8s-executor.yaml).
 """
 
 from __future__ import annotations
@@ -75,14 +75,23 @@ K8S_EXECUTOR_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "k8s-exec
 
 
 def executor_for_environment(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
-    """`k8s_job_executor` configured from deploy/k8s-executor.yaml (or $COMIC_PIPELINE_K8S_EXECUTOR_CONFIG)
-    when COMIC_PIPELINE_EXECUTOR=k8s (the production profile); the multiprocess executor otherwise."""
+    """The executor COMIC_PIPELINE_EXECUTOR names: `in_process` (default), `multiprocess`, or `k8s`
+    (`k8s_job_executor` configured from deploy/k8s-executor.yaml or $COMIC_PIPELINE_K8S_EXECUTOR_CONFIG;
+    the production profile).
+
+    On one machine every step runs in the run's own process: a step process of the multiprocess
+    executor imports Dagster, torch and the store libraries again (seconds per step, most of a short
+    run: benchmarks/bench_run_overhead.py), and it buys no parallelism here. The steps of a run form
+    a chain, each task/evaluation family is one multi-asset step, and training and embedding share
+    the one-slot `gpu` pool and use every core through torch's threads already."""
     env = os.environ if environ is None else environ
-    choice = env.get(EXECUTOR_ENV, "multiprocess")
+    choice = env.get(EXECUTOR_ENV, "in_process")
+    if choice == "in_process":
+        return dg.in_process_executor
     if choice == "multiprocess":
         return dg.multiprocess_executor
     if choice != "k8s":
-        raise ValueError(f"{EXECUTOR_ENV}={choice!r}: expected 'multiprocess' or 'k8s'")
+        raise ValueError(f"{EXECUTOR_ENV}={choice!r}: expected 'in_process', 'multiprocess' or 'k8s'")
     try:
         from dagster_k8s import k8s_job_executor  # the prod extra
     except ImportError as error:

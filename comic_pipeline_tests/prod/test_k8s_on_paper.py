@@ -99,6 +99,8 @@ def test_k8s_executor_config_validates_and_a_typo_fails():
     result = _executor_config_result(broken)
     assert not result.success and "container_confg" in str(result.errors)
     assert k8s.executor_for_environment({"COMIC_PIPELINE_EXECUTOR": "k8s"}).name == "k8s_job_executor"
+    assert k8s.executor_for_environment({}).name == "in_process"  # one machine: no step processes
+    assert k8s.executor_for_environment({"COMIC_PIPELINE_EXECUTOR": "multiprocess"}).name == "multiprocess"
     with pytest.raises(ValueError, match="COMIC_PIPELINE_EXECUTOR"):
         k8s.executor_for_environment({"COMIC_PIPELINE_EXECUTOR": "celery"})
 
