@@ -27,8 +27,9 @@ home:
 demo: install home
 	$(PY) -m comic_pipeline.demo
 
+# Two lanes (comic_pipeline_tests/conftest.py): the browser test beside the rest.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # COMICS real-data benchmark (README "Real comics: COMICS"): fold files from COMICS_FOLDS (comma-separated).
 COMICS_FOLDS ?= $(shell ls ../shared/data/comics/*.csv 2>/dev/null | paste -sd, -)

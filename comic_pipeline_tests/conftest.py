@@ -72,6 +72,16 @@ def tiny_native_store(tmp_path) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
     return url, written
 
 
+# --- lanes for `make test` (pytest -n 2 --dist loadgroup) -----------------------------------------
+def pytest_collection_modifyitems(items):
+    """Two lanes: the browser test alone, everything else in the other. The browser test spends most
+    of its time waiting for Dagster's daemons (ticks every 30 s), so the rest runs meanwhile; one
+    lane for the rest builds the session's trained home once, not once per worker."""
+    for item in items:
+        lane = "browser" if item.get_closest_marker("e2e") else "rest"
+        item.add_marker(pytest.mark.xdist_group(lane))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_torch_thread():
     """Tiny models gain nothing from a second thread, and torch's spin-waiting CPU pool on a busy
