@@ -114,11 +114,11 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
             from comic_pipeline import model as model_module
             from comic_pipeline import inference
 
+            from comic_pipeline.train_config import PRESETS
+
             modalities = tuple(sorted(stage3.modalities()))
-            config = model_module.ModelConfig.preset(
-                preset, dim=stage3.dim, max_panels=stage3.max_panels, max_boxes=stage3.max_boxes,
-                modalities=modalities,
-            )
+            config = PRESETS[preset].sized_for(dim=stage3.dim, max_panels=stage3.max_panels,
+                                               max_boxes=stage3.max_boxes, modalities=modalities)
             torch.manual_seed(0)
             sequence_model = model_module.SequenceModel(config).eval()
 
@@ -127,7 +127,7 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
 
             return encode, frozenset(modalities), (f"SequenceModel {preset} (d_model {config.d_model}, "
                                                   f"{config.n_layers} layers), random init, CPU")
-        except (ImportError, AttributeError, TypeError) as error:
+        except ImportError as error:  # torch missing; a broken call must fail, not fall back
             reason = f"model unavailable: {type(error).__name__}: {error}"[:80]
     else:
         reason = "forced"

@@ -9,7 +9,7 @@ default, and multiprocess, which starts one more process per step).
 Setup (not timed): a home with a Stage 3 demo store of a few tiny comics, a seeded untrained
 demo-preset champion registered in the home's MLflow (dagster_backfill.py's helpers: the cost of
 a run does not depend on the weights), and a Dagster instance in the home with the comics
-registered as partitions.
+registered as partitions and validated.
 
     .venv/bin/python benchmarks/bench_run_overhead.py [--rounds 2] [--executors in_process,multiprocess]
 """
@@ -26,7 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dagster_backfill import build_resources, record_champion_ref, register_champion, write_store  # noqa: E402
+from dagster_backfill import (  # noqa: E402  (beside this script)
+    build_resources, record_champion_ref, register_champion, validate_comics, write_store,
+)
 from figures import print_figures  # noqa: E402  (beside this script)
 
 ASSET = "contextualized_embeddings"
@@ -52,6 +54,8 @@ def one_run(env: dict[str, str], instance, partition: str) -> tuple[float, float
          "--partition", partition],
         env=env, capture_output=True, text=True)
     exited = time.time() - started
+    if os.environ.get("BENCH_SHOW_RUN_LOG"):
+        print(done.stderr, file=sys.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"the run of {ASSET}[{partition}] failed ({done.returncode}):\n{done.stderr[-3000:]}")
     written = first_written(instance, partition, started)
@@ -89,6 +93,7 @@ def main() -> None:
         timings: dict[str, list[tuple[float, float]]] = {name: [] for name in executors}
         with dg.DagsterInstance.from_config(dagster_home) as instance:
             instance.add_dynamic_partitions("comics", comic_ids)
+            validate_comics(instance, pipeline_resources, comic_ids)
             partitions = iter(comic_ids * (args.rounds + 1))
             for round_index in range(args.rounds):
                 for name in executors:

@@ -61,12 +61,11 @@ def register_champion(tracking, stage3_url: str, preset: str = "demo", seed: int
     from comic_pipeline import model as model_module
     from comic_pipeline.store import Stage3Store
     from comic_pipeline.tracking import model_requirements
+    from comic_pipeline.train_config import PRESETS
 
     store = Stage3Store.open(stage3_url)
-    config = model_module.ModelConfig.preset(
-        preset, dim=store.dim, max_panels=store.max_panels, max_boxes=store.max_boxes,
-        modalities=tuple(sorted(store.modalities())),
-    )
+    config = PRESETS[preset].sized_for(dim=store.dim, max_panels=store.max_panels, max_boxes=store.max_boxes,
+                                       modalities=store.modalities())
     torch.manual_seed(seed)
     sequence_model = model_module.SequenceModel(config).eval()
     first = store.comic(store.comic_ids()[0]).features()
@@ -90,6 +89,24 @@ def record_champion_ref(pipeline_resources: dict, version: str) -> None:
     ref = ModelRef(name=tracking.registered_model_name, version=version, run_id=tracking.run_id_of(version),
                    uri=f"models:/{tracking.registered_model_name}/{version}", datasets={})
     pipeline_resources["io_manager"].handle_output(dg.build_output_context(asset_key=CHAMPION_MODEL), ref)
+
+
+def validate_comics(instance, pipeline_resources: dict, comic_ids: list[str]) -> None:
+    """Materialize stage3_panel_embeddings for comic_ids (contiguous partitions of `instance`):
+    contextualized_embeddings embeds only comics whose Stage 3 content was validated."""
+    import dagster as dg
+
+    from comic_pipeline.definitions import defs
+    from comic_pipeline.demo import graph_definitions
+
+    result = dg.materialize(
+        assets=graph_definitions(defs()), resources=pipeline_resources, selection=["stage3_panel_embeddings"],
+        instance=instance, tags={RANGE_START: comic_ids[0], RANGE_END: comic_ids[-1]},
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+    )
+    validated = {m.partition for m in result.asset_materializations_for_node("stage3_panel_embeddings")}
+    if validated != set(comic_ids):
+        raise RuntimeError(f"validation left out {sorted(set(comic_ids) - validated)}")
 
 
 def build_resources(home: str, stage3_url: str | None, out_url: str) -> dict:
@@ -172,6 +189,7 @@ def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]
         record_champion_ref(pipeline_resources, version)
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("comics", list(comic_ids))
+            validate_comics(instance, pipeline_resources, list(comic_ids))
             return time_dagster_run(instance, pipeline_resources, list(comic_ids), batch_pages=None)[0]
 
 
@@ -218,6 +236,7 @@ def main() -> None:
         pure_seconds, dagster_seconds, in_asset_seconds = [], [], []
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("comics", comic_ids)
+            validate_comics(instance, pipeline_resources, comic_ids)
             for round_index in range(args.rounds):
                 pure_seconds.append(time_pure_compute(
                     tracking, stage3_url, os.path.join(home, f"pure_{round_index}.zarr"), comic_ids, batch_pages))

@@ -16,7 +16,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from comic_pipeline import model_artifact
+# torch (model_artifact) and mlflow are imported where used: Dagster loads this module with the
+# definitions, in every run process and code server, before any step needs them
 
 CHAMPION_ALIAS = "champion"
 TRAINING_FINGERPRINT_TAG = "training_fingerprint"  # on each training run: see version_trained_as
@@ -99,6 +100,8 @@ class Tracking:
         """
         import mlflow.pyfunc
         from mlflow.models import infer_signature
+
+        from comic_pipeline import model_artifact
 
         signature = None
         if input_example is not None:
@@ -189,6 +192,8 @@ def load_model_uri(model_uri: str, tracking_uri: str, map_location: str = "cpu")
     no code from the artifact. A model of another kind (an old pickled one) is a clear error."""
     import mlflow
     from mlflow.models import Model
+
+    from comic_pipeline import model_artifact
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from comic_pipeline.model import ModelConfig
 from comic_pipeline.schema import TASK_NAMES, PageFeatures
+
+if TYPE_CHECKING:  # model.py imports torch; the Dagster config classes need this module without it
+    from comic_pipeline.model import ModelConfig
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -87,10 +90,17 @@ class TrainConfig:
 
     def model_config(self, features: PageFeatures) -> ModelConfig:
         """The model for these features: the preset's size fitted to their dim/panels/boxes/modalities."""
+        return self.sized_for(dim=features.dim, max_panels=features.max_panels, max_boxes=features.max_boxes,
+                              modalities=features.modalities)
+
+    def sized_for(self, *, dim: int, max_panels: int, max_boxes: int, modalities) -> ModelConfig:
+        """The model of this config's size for inputs of this shape (e.g. a Stage 3 store's)."""
+        from comic_pipeline.model import ModelConfig
+
         sizes = self.resolved()
-        return ModelConfig(dim=features.dim, max_panels=features.max_panels, max_boxes=features.max_boxes,
-                           modalities=tuple(sorted(features.modalities)), d_model=sizes.d_model,
-                           n_layers=sizes.n_layers, n_heads=sizes.n_heads, dropout=sizes.dropout)
+        return ModelConfig(dim=dim, max_panels=max_panels, max_boxes=max_boxes, modalities=tuple(sorted(modalities)),
+                           d_model=sizes.d_model, n_layers=sizes.n_layers, n_heads=sizes.n_heads,
+                           dropout=sizes.dropout)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -4,7 +4,6 @@ fingerprint its ref carries (a ref never silently points at other data)."""
 from typing import Mapping
 
 import dagster as dg
-import pandas as pd
 
 from comic_pipeline import fileio, schema
 from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
@@ -16,6 +15,8 @@ PINS_ATTR = "stage3_content_hashes"  # TaskDataset.attrs: {comic key: Stage 3 co
 
 def read_splits(storage: PipelineStorage, splits: SplitsRef) -> dict[str, str]:
     """comic id -> split, from the table `splits` names."""
+    import pandas as pd  # here, not with the definitions every run process loads
+
     with fileio.open_binary(storage.path(splits.path)) as handle:
         table = pd.read_parquet(handle)
     return dict(zip(table["comic_id"], table["split"]))

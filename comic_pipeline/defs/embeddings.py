@@ -6,7 +6,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import embedding_pipeline, embedding_store, fileio, inference
+from comic_pipeline import embedding_pipeline, embedding_store, fileio
 from comic_pipeline.defs.keys import (
     CHAMPION_MODEL, CONTEXTUALIZED_EMBEDDINGS, STAGE3_PANEL_EMBEDDINGS, STALE_EMBEDDINGS_CHECK,
     comics_partitions,
@@ -68,6 +68,8 @@ def contextualized_embeddings(
     wanted = [key for key in context.partition_keys if key not in skipped]
     if not wanted:
         return
+    from comic_pipeline import inference  # torch: here, not with the definitions every run loads
+
     device = torch_device.configure()
     model = tracking.load_model(version)
     failed: dict[str, str] = {}

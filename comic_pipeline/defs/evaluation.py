@@ -5,11 +5,12 @@ gates (asset checks of every evaluation/<task>). The champion alias moves in cha
 import math
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from comic_pipeline import evaluation, tasks
+from comic_pipeline import tasks
 from comic_pipeline.defs.datasets import load_task_datasets, pinned_features
 from comic_pipeline.defs.keys import (
     BLOCKING_GATES, EVALUATION_KEYS, EVALUATION_SUMMARY, REGRESSION_GATE, REGRESSION_TOLERANCE,
@@ -17,6 +18,9 @@ from comic_pipeline.defs.keys import (
 )
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef, TaskReport
 from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, Stage3StoreResource, TorchDevice
+
+if TYPE_CHECKING:  # torch: imported by the steps that evaluate, not with the definitions
+    from comic_pipeline import evaluation
 
 GATE_DESCRIPTIONS = {
     "beats_chance": "Blocking: the lower end of the 95% interval of test accuracy (a bootstrap "
@@ -81,6 +85,8 @@ def evaluation_assets(
     mlflow_tracking: MLflowTracking,
     model_ref: ModelRef,
 ):
+    from comic_pipeline import evaluation
+
     tracking = mlflow_tracking.tracking()
     device = torch_device.configure()
     version, run_id = model_ref.version, model_ref.run_id
@@ -147,7 +153,7 @@ def evaluation_assets(
                        device, config.seed)
 
 
-def _gates(key, result: evaluation.TaskEvaluation, champion, champion_accuracy):
+def _gates(key, result: "evaluation.TaskEvaluation", champion, champion_accuracy):
     m = result.metrics
     # the whole task, then each variant on its own (text_cloze easy and hard): all must pass
     scopes = ["", *(f"_{variant}" for variant in result.variants)]
@@ -183,6 +189,8 @@ def _gates(key, result: evaluation.TaskEvaluation, champion, champion_accuracy):
 
 def _summary(context, tracking, report: EvaluationReport, model, results, skipped, features,
              datasets, device, seed) -> dg.Output:
+    from comic_pipeline import evaluation
+
     run_id, version = report.model.run_id, report.model.version
     test_rows = evaluation.test_page_rows(datasets)
     strips = evaluation.evaluate_strips(model, features, test_rows, device=device, seed=seed)

@@ -14,7 +14,6 @@ from comic_pipeline.defs import refs
 from comic_pipeline.defs.k8s import executor_for_environment
 from comic_pipeline.store import Stage3Store
 from comic_pipeline.tracking import Tracking
-from comic_pipeline.inference import configure_cpu_threads
 
 STAGE3_STORE_ENV = "COMIC_STAGE3_STORE"
 STAGE3_METADATA_ENV = "COMIC_STAGE3_METADATA"
@@ -97,6 +96,8 @@ class TorchDevice(dg.ConfigurableResource):
 
     def configure(self) -> str:
         """Apply the thread setting; returns the device spec for the domain code."""
+        from comic_pipeline.inference import configure_cpu_threads  # torch: only in steps that use it
+
         configure_cpu_threads(self.cpu_threads)
         return self.device
 

@@ -5,7 +5,6 @@ import hashlib
 import io
 
 import dagster as dg
-import pandas as pd
 from pydantic import Field
 
 from comic_pipeline import fileio, schema, tasks
@@ -48,6 +47,8 @@ def comic_splits(
     if unvalidated:
         context.log.warning(f"{len(unvalidated)} registered comics are not validated yet and are "
                             f"left out: {unvalidated[:10]}")
+    import pandas as pd  # here, not with the definitions every run process loads
+
     split_of = tasks.assign_splits(comic_ids, fractions=(config.train, config.val, config.test))
     table = pd.DataFrame({"comic_id": comic_ids, "split": [split_of[c] for c in comic_ids]})
     buffer = io.BytesIO()

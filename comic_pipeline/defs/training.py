@@ -6,10 +6,10 @@ import time
 from typing import Optional
 
 import dagster as dg
-import mlflow
 from pydantic import Field
 
-from comic_pipeline import training
+# comic_pipeline.training (torch) and mlflow are imported in the step that trains, not with the
+# definitions that every run process and the code server load
 from comic_pipeline.defs.datasets import load_task_datasets, pinned_features
 from comic_pipeline.defs.keys import SEQUENCE_MODEL, TASK_KEYS
 from comic_pipeline.defs.refs import ModelRef, TaskDatasetRef
@@ -91,6 +91,10 @@ def sequence_model(
     **task_refs: TaskDatasetRef,
 ) -> dg.Output[ModelRef]:
     """`task_refs`: one TaskDatasetRef per task (the inputs named by TASK_KEYS)."""
+    import mlflow
+
+    from comic_pipeline import training
+
     tracking = mlflow_tracking.tracking()
     tracking.ensure_reachable()  # never train untracked
     device = torch_device.configure()
@@ -189,6 +193,8 @@ def _unchanged(context, tracking, fingerprint: str, version: str, run_id: str,
 
 
 def _mlflow_log_metrics(metrics: dict[str, float], epoch: int) -> None:
+    import mlflow
+
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
 
 
@@ -199,4 +205,6 @@ def _log_params(train_config, datasets, skipped, device: str) -> None:
     params.update({f"train_samples_{name}": d.n_samples("train") for name, d in datasets.items()})
     params.update({f"skipped_{name}": reason[:200] for name, reason in skipped.items()})
     params["device"] = device
+    import mlflow
+
     mlflow.log_params(params)
