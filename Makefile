@@ -29,7 +29,7 @@ demo: install home
 
 # Two lanes (comic_pipeline_tests/conftest.py): the browser test beside the rest.
 test: install
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2
 
 # COMICS real-data benchmark (README "Real comics: COMICS"): fold files from COMICS_FOLDS (comma-separated).
 COMICS_FOLDS ?= $(shell ls ../shared/data/comics/*.csv 2>/dev/null | paste -sd, -)

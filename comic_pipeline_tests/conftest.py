@@ -72,14 +72,22 @@ def tiny_native_store(tmp_path) -> tuple[str, dict[str, dict[str, np.ndarray]]]:
     return url, written
 
 
-# --- lanes for `make test` (pytest -n 2 --dist loadgroup) -----------------------------------------
-def pytest_collection_modifyitems(items):
-    """Two lanes: the browser test alone, everything else in the other. The browser test spends most
-    of its time waiting for Dagster's daemons (ticks every 30 s), so the rest runs meanwhile; one
-    lane for the rest builds the session's trained home once, not once per worker."""
-    for item in items:
-        lane = "browser" if item.get_closest_marker("e2e") else "rest"
-        item.add_marker(pytest.mark.xdist_group(lane))
+# --- lanes for `make test` (pytest -n 2) ----------------------------------------------------------
+E2E_FOLDER = "comic_pipeline_tests/e2e/"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Two lanes: the browser tests in one, everything else in the other. The browser test spends
+    most of its time waiting for Dagster's daemons (ticks every 30 s), so the rest runs meanwhile;
+    one lane for the rest builds the session's trained home once, not once per worker. (A scheduler
+    of our own: xdist 3.8's `xdist_group` marks do not take effect under pytest 9.2.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoLanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "browser" if nodeid.startswith(E2E_FOLDER) else "rest"
+
+    return TwoLanes(config, log)
 
 
 @pytest.fixture(autouse=True, scope="session")
