@@ -23,7 +23,7 @@ import numpy as np
 
 from comic_pipeline import comics_eval, fileio, home, inference, metrics, schema, tasks, training
 from comic_pipeline.comics_folds import ComicsFoldError, fold_paths, read_folds
-from comic_pipeline.comics_import import comic_name_of_book, import_folds
+from comic_pipeline.comics_import import import_folds
 from comic_pipeline.store import Stage3Store, Stage3StoreError
 from comic_pipeline.text_encoder import TextEncoder, TextEncoderError
 from comic_pipeline.train_config import TrainConfig
@@ -161,7 +161,8 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
                               "chance": datasets[task].attrs["chance"], "n": int(len(outputs["label"]))}
 
     # 8. the COMICS evaluation of the test books' own rows
-    outcomes, notes = comics_outcomes(folds, split_of, encoder, result, skipped, seed=args.seed)
+    outcomes, notes = comics_eval.comics_outcomes(folds, split_of, encoder, result.model, result.tasks,
+                                                   skipped, seed=args.seed)
     return {"label": label, "splits": counts, "skipped_tasks": skipped, "internal": internal,
             "training": {"steps": result.steps, "seconds": train_seconds, "best_epoch": result.best_epoch,
                          "tasks": list(result.tasks), "samples_per_s": result.samples_per_s,
@@ -173,61 +174,6 @@ def _jsonable(value):
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return str(value)
-
-
-def comics_outcomes(folds, split_of_comic, encoder, result, skipped, *, seed=0):
-    """Per-row outcomes on the test books of every fold file: the model (when its head was
-    trained), the label-free heuristics, the learned option-only baseline."""
-    all_rows = [row for fold in folds for row in fold.rows]
-    books = sorted({row.book_id for row in all_rows})
-    split_of = {b: split_of_comic.get(comic_name_of_book(b), "left out") for b in books}
-    texts = comics_eval.book_texts(all_rows)
-    test_texts = set().union(*(texts[b] for b in books if split_of[b] == "test"))
-    train_texts = set().union(*(texts[b] for b in books if split_of[b] == "train"))
-    outcomes, notes = [], []
-    for fold in folds:
-        test = [r for r in fold.rows if split_of[r.book_id] == "test"]
-        if not test:
-            notes.append(f"{fold.name}: no row of a test book; nothing scored")
-            continue
-        arrays = comics_eval.row_arrays(test, encoder)
-        task = comics_eval.MODEL_TASK[fold.kind]
-        if task in result.tasks:
-            scores = comics_eval.model_option_scores(result.model, arrays)
-            outcomes.append(comics_eval.scored(fold.name, arrays, f"ours ({task} head, text only)",
-                                                    scores.argmax(1), "model"))
-            notes.extend(error_examples(arrays, scores.argmax(1)))
-        else:
-            why = skipped.get(task, "no train samples")
-            notes.append(f"{fold.name}: the model has no trained {task} head ({why}), so no model row")
-        for name, predictions in comics_eval.baseline_predictions(arrays, seed=seed).items():
-            outcomes.append(comics_eval.scored(fold.name, arrays, name, predictions, "label-free"))
-        train_rows, dropped = comics_eval.training_rows(fold.rows, split_of, test_texts)
-        if train_rows:
-            train_arrays = comics_eval.row_arrays(train_rows, encoder)
-            predictions = comics_eval.option_only_predictions(train_arrays, arrays, seed=seed)
-            outcomes.append(comics_eval.scored(fold.name, arrays, "learned option-only (MLP, no context)",
-                                                    predictions, "option-only"))
-        answers_seen = np.mean([any(s in train_texts for s in r.answer_boxes) for r in test])
-        notes.append(f"{fold.name}: {len(test)} test rows of {len(set(r.book_id for r in test))} test books; "
-                     f"option-only trained on {len(train_rows)} train-book rows ({dropped} dropped for "
-                     f"quoting test-book text); {100 * answers_seen:.1f}% of test answers also occur "
-                     "verbatim in train books (common phrases: 'UNK !' ...)")
-    return outcomes, notes
-
-
-def _short(boxes, width: int = 48) -> str:
-    text = " / ".join(boxes) or "(no text)"
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def error_examples(arrays: comics_eval.RowArrays, predictions, n: int = 3) -> list[str]:
-    """A few rows the model gets wrong, as notes: where, the context, what it picked, the truth."""
-    wrong = np.flatnonzero(np.asarray(predictions) != arrays.labels)[:n]
-    return [f"model error {row.source}:{row.line} (book {row.book_id}): context "
-            f"[{' | '.join(_short(b, 32) for b in row.context_boxes)}] picked "
-            f"'{_short(row.candidates[predictions[i]])}', true '{_short(row.answer_boxes)}'"
-            for i, row in ((i, arrays.rows[i]) for i in wrong)]
 
 
 def main(argv=None) -> int:

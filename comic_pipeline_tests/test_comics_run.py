@@ -191,6 +191,6 @@ def test_kfold_by_book_tests_every_book_once_and_pools_the_rows():
 
 def test_model_errors_are_shown_as_rows():
     arrays = _arrays(cf.TEXT_CLOZE, [(("w1 x",), ("w2 y",), ("w3 z",))] * 2, [0, 1], [(("w1 a",), (), ())] * 2)
-    (example,) = comics_run.error_examples(arrays, np.array([0, 2]))
+    (example,) = ce.error_examples(arrays, np.array([0, 2]))
     assert example == ("model error x.csv:3 (book b1): context [w1 a | (no text) | (no text)] picked "
                        "'w3 z', true 'w2 y'")
