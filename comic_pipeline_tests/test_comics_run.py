@@ -1,25 +1,30 @@
-"""The offline encoder, the COMICS evaluation pieces, and the whole `make comics` path on a slice
-of the real folds with the real encoder (skipped when the `comics` extra is not installed)."""
+"""The offline encoder, the COMICS evaluation pieces, and the whole `make comics` path (import,
+then the asset graph through Dagster) on a slice of the real folds with the real encoder (skipped
+when the `comics` extra is not installed)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pytest
 import torch
 
 from comic_pipeline import comics_eval as ce
 from comic_pipeline import comics_folds as cf
-from comic_pipeline import comics_run, tasks
+from comic_pipeline import comics_run, home, tasks
 from comic_pipeline.comics_import import import_folds
+from comic_pipeline.defs.keys import COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK
 from comic_pipeline.model import ModelConfig, SequenceModel
 
 from comic_pipeline.text_encoder import OFFLINE_SWITCHES, TextEncoder
+from comic_pipeline.tracking import Tracking
 
 # find_spec, not an import: importing sentence-transformers at collection costs seconds
 needs_encoder = pytest.mark.skipif(
@@ -148,21 +153,37 @@ def test_model_scores_verbatim_rows_through_its_heads():
 
 
 @needs_encoder
-def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, capsys, no_network):
-    """Import + splits + tasks + training + COMICS table; importing again encodes nothing."""
+def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, migrated_mlflow_db, capsys, no_network):
+    """Import, then the asset graph through Dagster on that store in its own home: validation,
+    splits, tasks, training, comics_evaluation and its check; the table; importing again encodes
+    nothing. (evaluation/* is left out here: the Dagster-layer tests cover it.)"""
+    shutil.copy(migrated_mlflow_db, Path(comics_home) / "mlflow.db")  # skips ~4 s of migrations
     argv = ["--folds", ",".join(SLICES), "--home", comics_home, "--preset", "tiny", "--epochs", "1",
-            "--max-steps", "8", "--device", "cpu", "--samples-per-page", "2"]
+            "--max-steps", "8", "--device", "cpu", "--samples-per-page", "2", "--no-internal"]
     summary = comics_run.run(comics_run.parse_args(argv))
     out = capsys.readouterr().out
     assert summary["import"]["books"] == 22 and summary["splits"]["test"] == 5
+    assert "[comics] comic_splits -> tasks -> sequence_model -> comics_evaluation: ok" in out
     assert "text_cloze_dev_easy_slice.csv (text_cloze; published column 'text_cloze_easy')" in out
     assert "published (Iyyer et al. 2017): text-only" in out and "Caveats:" in out
     assert {"sequence_filling", "reading_order"} <= set(summary["training"]["tasks"])
     scored = {(r["fold"], r["group"]) for r in summary["comics"]}
     for fold in ("text_cloze_dev_easy_slice.csv", "char_coherence_dev_slice.csv"):
-        assert (fold, "label-free") in scored and (fold, "option-only") in scored
+        assert {(fold, "label-free"), (fold, "option-only"), (fold, "model")} <= scored
     for row in summary["comics"]:
         assert row["n_books"] == 5 and 0.0 <= row["low"] <= row["accuracy"] <= row["high"] <= 1.0
+
+    # what the UI shows: the asset's table and its passed leakage check, in the home's instance
+    with dg.DagsterInstance.local_temp(str(Path(comics_home) / "dagster")) as instance:
+        event = instance.get_latest_materialization_event(COMICS_EVALUATION)
+        assert "published (Iyyer et al. 2017): text-only" in event.asset_materialization.metadata["table"].value
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)])
+        assert check[dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)].status.value == "SUCCEEDED"
+    tracking = Tracking(home.mlflow_tracking_uri(comics_home), "comic_pipeline", "comic-sequence-model")
+    run_id = tracking.run_id_of(summary["training"]["model_version"])
+    assert any(k.startswith("comics_text_cloze_dev_easy_slice_csv_model")
+               for k in tracking.client().get_run(run_id).data.metrics)
     on_disk = json.loads((Path(comics_home) / "comics_results.json").read_text())
     assert on_disk["import"]["books"] == 22
     assert summary["import"]["encoded"] > 1000  # the slice's strings, encoded once

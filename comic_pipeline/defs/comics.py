@@ -26,7 +26,7 @@ from comic_pipeline.text_encoder import TextEncoder, TextEncoderError
 if TYPE_CHECKING:  # torch: imported by the step, not with the definitions
     from comic_pipeline import comics_eval
 
-RESULTS = ("comics", "comics_results.json")  # under the home: the table and rows, for comics_run
+RESULTS = ("comics_evaluation.json",)  # under the home: the table and rows, for comics_run
 
 
 class ComicsEvaluationConfig(dg.Config):
