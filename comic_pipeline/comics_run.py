@@ -143,7 +143,8 @@ def run_graph(args, root: str, store_url: str, folds, log) -> dict:
         if not step(COMICS_GRAPH, label="comic_splits -> tasks -> sequence_model -> comics_evaluation",
                     run_config=run_config).success:
             raise GraphRunError("the graph run failed")
-        gates = args.internal and step(INTERNAL, label="evaluation/* (internal figures)", run_config={
+        gates = args.internal and step(INTERNAL, label="evaluation/* (internal figures; FAILED = a gate failed "
+                                       "or a step: see the log)", run_config={
             "ops": {"evaluation_assets": {"config": {"seed": args.seed}}}}).success
         event = instance.get_latest_materialization_event(SEQUENCE_MODEL)
         trained = {k: v.value for k, v in event.asset_materialization.metadata.items()}
