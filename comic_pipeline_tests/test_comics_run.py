@@ -18,7 +18,7 @@ import torch
 
 from comic_pipeline import comics_eval as ce
 from comic_pipeline import comics_folds as cf
-from comic_pipeline import comics_run, home, tasks
+from comic_pipeline import comics_run, home, schema, tasks
 from comic_pipeline.comics_import import import_folds
 from comic_pipeline.defs.keys import COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK
 from comic_pipeline.model import ModelConfig, SequenceModel
@@ -215,3 +215,19 @@ def test_model_errors_are_shown_as_rows():
     (example,) = ce.error_examples(arrays, np.array([0, 2]))
     assert example == ("model error x.csv:3 (book b1): context [w1 a | (no text) | (no text)] picked "
                        "'w3 z', true 'w2 y'")
+
+
+def test_the_leakage_check_sees_a_test_comic_behind_any_panel_a_train_sample_reads():
+    from comic_pipeline.defs.comics import comics_read_by
+
+    def samples(page, options):
+        return schema.OptionSamples(page=np.array(page, np.int32), context=np.zeros((len(page), 2), np.int16),
+                                    options=np.array(options, np.int64), label=np.zeros(len(page), np.int16))
+
+    # page rows 0, 1, 2 belong to comics a, b, t; flat panel ref = page_row * max_panels + slot
+    dataset = schema.TaskDataset(task="text_closure", comic_ids=np.array(["a", "b", "t"]),
+                                 page_numbers=np.zeros(3, np.int32), max_panels=4,
+                                 splits={"train": samples([0], [[1, 5]]), "test": samples([2], [[9, 10]])})
+    assert comics_read_by(dataset, ["train"]) == {"a", "b"}  # b only through an option
+    dataset.splits["val"] = samples([1], [[4, 8]])  # an option on the test comic's page
+    assert "t" in comics_read_by(dataset, ["train", "val"])

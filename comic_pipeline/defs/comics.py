@@ -117,7 +117,7 @@ def _unseen_test_books(storage, model_ref: ModelRef, comic_splits: SplitsRef,
     other_splits = sorted({ref.splits_fingerprint for ref in model_ref.datasets.values()}
                           - {comic_splits.fingerprint})
     datasets, _ = load_task_datasets(storage, model_ref.datasets)
-    touched = {name: sorted(_comics_of(dataset, ("train", "val")) & test)
+    touched = {name: sorted(comics_read_by(dataset, ("train", "val")) & test)
                for name, dataset in datasets.items()}
     touched = {name: comics for name, comics in touched.items() if comics}
     return dg.AssetCheckResult(
@@ -129,7 +129,7 @@ def _unseen_test_books(storage, model_ref: ModelRef, comic_splits: SplitsRef,
     )
 
 
-def _comics_of(dataset: schema.TaskDataset, splits) -> set[str]:
+def comics_read_by(dataset: schema.TaskDataset, splits) -> set[str]:
     """Every comic a sample of `splits` reads: its page and any panel it refers to."""
     comics = set()
     for split in splits:
