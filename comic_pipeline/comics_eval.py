@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from comic_pipeline import tasks
-from comic_pipeline.comics_folds import BOXES_PER_PANEL, CHARACTER_COHERENCE, TEXT_CLOZE, FoldRow
+from comic_pipeline.comics_folds import BOXES_PER_PANEL, CHARACTER_COHERENCE, TEXT_CLOZE, Fold, FoldRow
 from comic_pipeline.comics_import import comic_name_of_book
 from comic_pipeline.batching import KIND_PAD, KIND_PANEL, KIND_QUERY, OptionBatch
 from comic_pipeline.model import SequenceModel
@@ -372,3 +372,62 @@ def comics_table(rows: Sequence[ScoreRow], extra_notes: Sequence[str] = ()) -> s
     lines.append("\nCaveats:")
     lines.extend(f"  - {note}" for note in (*CAVEATS, *extra_notes))
     return "\n".join(lines)
+
+
+# --- the evaluation of one trained model ---------------------------------------------------------
+def comics_outcomes(folds: Sequence[Fold], split_of_comic: Mapping[str, str], encoder: TextEncoder,
+                    model: SequenceModel, trained_tasks: Sequence[str], skipped: Mapping[str, str],
+                    *, seed: int = 0) -> tuple[list[Scored], list[str]]:
+    """Per-row outcomes on the test books of every fold file: the model (when its head was
+    trained), the label-free heuristics, the learned option-only baseline; and the notes.
+    `split_of_comic`: comic name -> split (the graph's comic_splits)."""
+    all_rows = [row for fold in folds for row in fold.rows]
+    books = sorted({row.book_id for row in all_rows})
+    split_of = {b: split_of_comic.get(comic_name_of_book(b), "left out") for b in books}
+    texts = book_texts(all_rows)
+    test_texts = set().union(*(texts[b] for b in books if split_of[b] == "test"))
+    train_texts = set().union(*(texts[b] for b in books if split_of[b] == "train"))
+    outcomes, notes = [], []
+    for fold in folds:
+        test = [r for r in fold.rows if split_of[r.book_id] == "test"]
+        if not test:
+            notes.append(f"{fold.name}: no row of a test book; nothing scored")
+            continue
+        arrays = row_arrays(test, encoder)
+        task = MODEL_TASK[fold.kind]
+        if task in trained_tasks:
+            scores = model_option_scores(model, arrays)
+            outcomes.append(scored(fold.name, arrays, f"ours ({task} head, text only)",
+                                   scores.argmax(1), "model"))
+            notes.extend(error_examples(arrays, scores.argmax(1)))
+        else:
+            why = skipped.get(task, "no train samples")
+            notes.append(f"{fold.name}: the model has no trained {task} head ({why}), so no model row")
+        for name, predictions in baseline_predictions(arrays, seed=seed).items():
+            outcomes.append(scored(fold.name, arrays, name, predictions, "label-free"))
+        train_rows, dropped = training_rows(fold.rows, split_of, test_texts)
+        if train_rows:
+            train_arrays = row_arrays(train_rows, encoder)
+            predictions = option_only_predictions(train_arrays, arrays, seed=seed)
+            outcomes.append(scored(fold.name, arrays, "learned option-only (MLP, no context)",
+                                   predictions, "option-only"))
+        answers_seen = np.mean([any(s in train_texts for s in r.answer_boxes) for r in test])
+        notes.append(f"{fold.name}: {len(test)} test rows of {len(set(r.book_id for r in test))} test books; "
+                     f"option-only trained on {len(train_rows)} train-book rows ({dropped} dropped for "
+                     f"quoting test-book text); {100 * answers_seen:.1f}% of test answers also occur "
+                     "verbatim in train books (common phrases: 'UNK !' ...)")
+    return outcomes, notes
+
+
+def _short(boxes, width: int = 48) -> str:
+    text = " / ".join(boxes) or "(no text)"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def error_examples(arrays: RowArrays, predictions, n: int = 3) -> list[str]:
+    """A few rows the model gets wrong, as notes: where, the context, what it picked, the truth."""
+    wrong = np.flatnonzero(np.asarray(predictions) != arrays.labels)[:n]
+    return [f"model error {row.source}:{row.line} (book {row.book_id}): context "
+            f"[{' | '.join(_short(b, 32) for b in row.context_boxes)}] picked "
+            f"'{_short(row.candidates[predictions[i]])}', true '{_short(row.answer_boxes)}'"
+            for i, row in ((i, arrays.rows[i]) for i in wrong)]

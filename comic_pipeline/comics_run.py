@@ -1,29 +1,39 @@
-"""`make comics`: COMICS folds -> text-only Stage 3 store -> the graph's domain steps -> the table.
+"""`make comics`: COMICS folds -> text-only Stage 3 store -> the asset graph -> the COMICS table.
 
     python -m comic_pipeline.comics_run --folds a.csv,b.csv   (or COMICS_FOLDS=a.csv,b.csv)
 
-Steps, each the domain function a Dagster asset of the graph calls: import (the store), validate
-every comic (stage3_panel_embeddings; a bad comic is reported and left out), book-level splits
-(comic_splits), the task datasets (tasks/*; a task the text-only store cannot feed is skipped
-with its reason), training (sequence_model), test-split figures of the generated tasks
-(evaluation/*), then the COMICS evaluation of the test books' own rows (comics_eval). Everything
-lands in its own home (default ``$COMIC_PIPELINE_HOME/comics``); the text cache makes a second
-run encode nothing.
+Imports the fold files into a text-only Stage 3 store (comics_import; the text cache makes a
+second run encode nothing), then materializes the graph's real definitions on that store through
+Dagster, in the store's own home (default ``$COMIC_PIPELINE_HOME/comics``: Dagster instance,
+refs, task datasets, MLflow): stage3_store, stage3_panel_embeddings (a bad comic is quarantined and
+left out), comic_splits, tasks/* (a task the text-only store cannot feed is skipped with its
+reason), sequence_model, comics_evaluation (the test books' own rows), then evaluation/* for the
+internal figures; prints the COMICS table. `--kfold k` trains k models by book with the same
+domain functions outside Dagster (the graph holds one split).
 """
-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
 
+import dagster as dg
 import numpy as np
 
 from comic_pipeline import comics_eval, fileio, home, inference, metrics, schema, tasks, training
 from comic_pipeline.comics_folds import ComicsFoldError, fold_paths, read_folds
-from comic_pipeline.comics_import import comic_name_of_book, import_folds
+from comic_pipeline.comics_import import import_folds
+from comic_pipeline.definitions import defs as load_defs
+from comic_pipeline.defs.comics import RESULTS as COMICS_RESULTS
+from comic_pipeline.defs.keys import (
+    COMIC_SPLITS, COMICS_EVALUATION, EVALUATION_KEYS, EVALUATION_SUMMARY, SEQUENCE_MODEL, TASK_KEYS,
+)
+from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource, TorchDevice, build_resources
+from comic_pipeline.demo import materialize, validate_store_comics
 from comic_pipeline.store import Stage3Store, Stage3StoreError
 from comic_pipeline.text_encoder import TextEncoder, TextEncoderError
 from comic_pipeline.train_config import TrainConfig
@@ -49,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kfold", type=int, default=0,
                         help="k-fold by book (e.g. 5): k trainings, every row scored once by a model "
                              "that never saw its book; 0 = the graph's own split")
+    parser.add_argument("--internal", action=argparse.BooleanOptionalAction, default=True,
+                        help="materialize evaluation/* for the internal figures of the generated tasks")
     return parser.parse_args(argv)
 
 
@@ -56,8 +68,22 @@ def run(args: argparse.Namespace, log=print) -> dict:
     started = time.perf_counter()
     root = comics_home(args.home)
     store_url = fileio.join(root, "stage3_comics.zarr")
+    folds, report, encoder = import_store(args, root, store_url, log)
+    if args.kfold:
+        summary = run_kfold(args, root, store_url, folds, encoder, log)
+    else:
+        summary = run_graph(args, root, store_url, folds, log)
+    summary = {"import": {k: v for k, v in report.to_dict().items() if k != "conflicts"}, **summary,
+               "encoder": {"encoded": encoder.stats.encoded, "strings_per_s": encoder.stats.strings_per_s},
+               "seconds": time.perf_counter() - started}
+    fileio.atomic_write_bytes(fileio.join(root, "comics_results.json"),
+                              json.dumps(summary, indent=2, default=_jsonable).encode())
+    return summary
 
-    # 1. the folds
+
+def import_store(args, root: str, store_url: str, log):
+    """Steps 1-2: the fold files, then the text-only Stage 3 store (the text cache makes a second
+    import encode nothing)."""
     folds, file_problems = read_folds(fold_paths(args.folds), limit=args.limit)
     for problem in file_problems:
         log(f"[comics] FOLD FILE LEFT OUT: {problem}")
@@ -67,8 +93,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
             f"({state}); {len(fold.problems)} rows skipped")
         for problem in fold.problems[:10]:
             log(f"[comics]   skipped {problem}")
-
-    # 2. the text-only Stage 3 store
     encoder = TextEncoder(root, device=args.encoder_device)
     report = import_folds(folds, store_url, encoder, report_url=fileio.join(root, "comics_import.json"),
                           log=log)
@@ -76,8 +100,85 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"panels from {report.source_pages} source pages; {report.pages_split_at_gaps} split at "
         f"gaps), {report.panels} panels ({report.silent_panels} without text), {report.boxes} boxes, "
         f"max_panels {report.max_panels}; {len(report.conflicts)} conflicting observations")
+    return folds, report, encoder
 
-    # 3. validation (stage3_panel_embeddings): a bad comic is left out, the others go on
+
+# The graph after validation: splits -> tasks -> training -> the COMICS evaluation, in one run.
+COMICS_GRAPH = dg.AssetSelection.assets(COMIC_SPLITS, *TASK_KEYS.values(), SEQUENCE_MODEL, COMICS_EVALUATION)
+INTERNAL = dg.AssetSelection.assets(*EVALUATION_KEYS.values(), EVALUATION_SUMMARY)  # not the champion
+
+
+class GraphRunError(RuntimeError):
+    """A run of the graph failed; Dagster's log above names the step and the error."""
+
+
+def run_graph(args, root: str, store_url: str, folds, log) -> dict:
+    """Steps 3-8 through Dagster: the real definitions, the home's resources with the stage3
+    resource on the COMICS store, the home's own Dagster instance (`<home>/dagster`): validation
+    (stage3_panel_embeddings), comic_splits, tasks/*, sequence_model (MLflow in the home),
+    comics_evaluation; then evaluation/* for the internal figures (their gates may fail on a
+    small model: reported, not fatal)."""
+    storage = PipelineStorage(home=root)
+    stage3 = Stage3StoreResource(storage=storage, url=store_url)
+    resources = {**build_resources(storage), "stage3": stage3, "torch_device": TorchDevice(device=args.device)}
+    training = {"preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size,
+                "seed": args.seed, "log_every": 100,
+                **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
+    run_config = {"ops": {
+        "task_datasets": {"config": {"seed": args.seed, "samples_per_page": args.samples_per_page}},
+        "sequence_model": {"config": training},
+        "comics_evaluation": {"config": {"folds": ",".join(f.path for f in folds), "limit": args.limit,
+                                         "seed": args.seed, "encoder_device": args.encoder_device}},
+    }}
+    definitions = load_defs()
+    instance_dir = os.path.join(root, "dagster")  # a Dagster instance is a local folder
+    os.makedirs(instance_dir, exist_ok=True)
+    with dg.DagsterInstance.local_temp(instance_dir) as instance:
+        step = functools.partial(materialize, definitions, instance=instance, resources=resources,
+                                 log=log, prefix="comics")
+        # the instance mirrors the store: a comic of an earlier import that is gone is unregistered
+        if not validate_store_comics(definitions, instance, stage3, resources=resources, log=log,
+                                     prefix="comics", prune=True):
+            raise GraphRunError("validating the store's comics failed")
+        if not step(COMICS_GRAPH, label="comic_splits -> tasks -> sequence_model -> comics_evaluation",
+                    run_config=run_config).success:
+            raise GraphRunError("the graph run failed")
+        gates = args.internal and step(INTERNAL, label="evaluation/* (internal figures; FAILED = a gate failed "
+                                       "or a step: see the log)", run_config={
+            "ops": {"evaluation_assets": {"config": {"seed": args.seed}}}}).success
+        event = instance.get_latest_materialization_event(SEQUENCE_MODEL)
+        trained = {k: v.value for k, v in event.asset_materialization.metadata.items()}
+    io_manager = resources["io_manager"]
+    model_ref = io_manager.stored(SEQUENCE_MODEL)
+    internal = io_manager.stored(EVALUATION_SUMMARY) if args.internal else None
+    if internal and internal.model.version != model_ref.version:  # its run failed: an older report
+        internal = None
+    with fileio.open_binary(storage.path(*COMICS_RESULTS)) as handle:
+        comics = json.loads(handle.read())
+    if internal:
+        log("\nInternal figures on the generated tasks (test books; no published number"
+            + ("" if gates else "; some blocking gates failed") + "):")
+    for task, report in (internal.tasks.items() if internal else ()):
+        if report.skipped is None:
+            log(f"  {task}: " + ", ".join(f"{k} {report.metrics[k]:.3f}" for k in INTERNAL_FIGURES
+                                          if k in report.metrics))
+    log("\nCOMICS: the test books' own candidate rows, scored verbatim" + comics["table"])
+    skipped = {name: ref.skipped for name, ref in model_ref.datasets.items() if ref.skipped}
+    return {"splits": dict(io_manager.stored(COMIC_SPLITS).counts), "skipped_tasks": skipped,
+            "training": {"tasks": model_ref.trained_tasks(), "model_version": model_ref.version,
+                         **{k: trained.get(k) for k in ("steps", "train_seconds", "best_epoch",
+                                                        "samples_per_s", "unchanged")}},
+            "internal": {t: dict(r.metrics) for t, r in (internal.tasks.items() if internal else ())},
+            "comics": comics["rows"], "notes": comics["notes"]}
+
+
+INTERNAL_FIGURES = ("accuracy", "chance", "best_shortcut", "kendall_tau", "exact_match")
+
+
+def run_kfold(args, root: str, store_url: str, folds, encoder, log) -> dict:
+    """k-fold by book, domain-level (k trainings on one store; the graph has one split): every row
+    is scored once by a model that never saw its book."""
+    # validation (stage3_panel_embeddings): a bad comic is left out, the others go on
     store = Stage3Store.open(store_url)
     valid = []
     for comic_id in store.comic_ids():
@@ -86,40 +187,26 @@ def run(args: argparse.Namespace, log=print) -> dict:
             valid.append(comic_id)
         except Stage3StoreError as error:
             log(f"[comics] comic {comic_id!r} left out: {error}")
-
     features = store.load_features(valid)
-    if args.kfold:
-        parts = [(f"fold {i + 1}/{args.kfold}", comics_eval.kfold_splits(valid, args.kfold, i))
-                 for i in range(args.kfold)]
-    else:  # 4. book-level splits, exactly as the comic_splits asset assigns them
-        parts = [("graph split", tasks.assign_splits(valid))]
-    outcomes, notes, parts_summary = [], [], []
-    for label, split_of in parts:
+    outcomes, notes, parts = [], [], []
+    for i in range(args.kfold):
+        label, split_of = f"fold {i + 1}/{args.kfold}", comics_eval.kfold_splits(valid, args.kfold, i)
         log(f"[comics] {label}: books per split "
             f"{ {s: sum(1 for c in valid if split_of[c] == s) for s in schema.SPLITS} }")
         part = train_and_score(args, root, label, features, split_of, folds, encoder, log)
         outcomes += part.pop("outcomes")
-        notes += [f"{label}: {note}" if args.kfold else note for note in part.pop("notes")]
-        parts_summary.append(part)
+        notes += [f"{label}: {note}" for note in part.pop("notes")]
+        parts.append(part)
     score_rows = comics_eval.summarize(outcomes)
-    table = comics_eval.comics_table(score_rows, notes)
-    for part in parts_summary:
+    for part in parts:
         log(f"\nInternal figures on the generated tasks, {part['label']} (test books; no published number):")
         for task, figures in part["internal"].items():
             log(f"  {task}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in figures.items()))
-    log("\nCOMICS: the test books' own candidate rows, scored verbatim" + table)
-    summary = {
-        "import": {k: v for k, v in report.to_dict().items() if k != "conflicts"},
-        "parts": parts_summary, "splits": parts_summary[0]["splits"],
-        "skipped_tasks": parts_summary[0]["skipped_tasks"], "training": parts_summary[0]["training"],
-        "comics": [asdict(r) for r in score_rows], "notes": notes,
-        "encoder": {"encoded": encoder.stats.encoded, "strings_per_s": encoder.stats.strings_per_s},
-        "seconds": time.perf_counter() - started,
-    }
-    fileio.atomic_write_bytes(fileio.join(root, "comics_results.json"),
-                              json.dumps(summary, indent=2, default=_jsonable).encode())
-    return summary
+    log("\nCOMICS: the test books' own candidate rows, scored verbatim (k-fold by book)"
+        + comics_eval.comics_table(score_rows, notes))
+    return {"parts": parts, "splits": parts[0]["splits"], "skipped_tasks": parts[0]["skipped_tasks"],
+            "training": parts[0]["training"], "comics": [asdict(r) for r in score_rows], "notes": notes}
 
 
 def train_and_score(args, root, label, features, split_of, folds, encoder, log) -> dict:
@@ -161,7 +248,8 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
                               "chance": datasets[task].attrs["chance"], "n": int(len(outputs["label"]))}
 
     # 8. the COMICS evaluation of the test books' own rows
-    outcomes, notes = comics_outcomes(folds, split_of, encoder, result, skipped, seed=args.seed)
+    outcomes, notes = comics_eval.comics_outcomes(folds, split_of, encoder, result.model, result.tasks,
+                                                   skipped, seed=args.seed)
     return {"label": label, "splits": counts, "skipped_tasks": skipped, "internal": internal,
             "training": {"steps": result.steps, "seconds": train_seconds, "best_epoch": result.best_epoch,
                          "tasks": list(result.tasks), "samples_per_s": result.samples_per_s,
@@ -175,66 +263,11 @@ def _jsonable(value):
     return str(value)
 
 
-def comics_outcomes(folds, split_of_comic, encoder, result, skipped, *, seed=0):
-    """Per-row outcomes on the test books of every fold file: the model (when its head was
-    trained), the label-free heuristics, the learned option-only baseline."""
-    all_rows = [row for fold in folds for row in fold.rows]
-    books = sorted({row.book_id for row in all_rows})
-    split_of = {b: split_of_comic.get(comic_name_of_book(b), "left out") for b in books}
-    texts = comics_eval.book_texts(all_rows)
-    test_texts = set().union(*(texts[b] for b in books if split_of[b] == "test"))
-    train_texts = set().union(*(texts[b] for b in books if split_of[b] == "train"))
-    outcomes, notes = [], []
-    for fold in folds:
-        test = [r for r in fold.rows if split_of[r.book_id] == "test"]
-        if not test:
-            notes.append(f"{fold.name}: no row of a test book; nothing scored")
-            continue
-        arrays = comics_eval.row_arrays(test, encoder)
-        task = comics_eval.MODEL_TASK[fold.kind]
-        if task in result.tasks:
-            scores = comics_eval.model_option_scores(result.model, arrays)
-            outcomes.append(comics_eval.scored(fold.name, arrays, f"ours ({task} head, text only)",
-                                                    scores.argmax(1), "model"))
-            notes.extend(error_examples(arrays, scores.argmax(1)))
-        else:
-            why = skipped.get(task, "no train samples")
-            notes.append(f"{fold.name}: the model has no trained {task} head ({why}), so no model row")
-        for name, predictions in comics_eval.baseline_predictions(arrays, seed=seed).items():
-            outcomes.append(comics_eval.scored(fold.name, arrays, name, predictions, "label-free"))
-        train_rows, dropped = comics_eval.training_rows(fold.rows, split_of, test_texts)
-        if train_rows:
-            train_arrays = comics_eval.row_arrays(train_rows, encoder)
-            predictions = comics_eval.option_only_predictions(train_arrays, arrays, seed=seed)
-            outcomes.append(comics_eval.scored(fold.name, arrays, "learned option-only (MLP, no context)",
-                                                    predictions, "option-only"))
-        answers_seen = np.mean([any(s in train_texts for s in r.answer_boxes) for r in test])
-        notes.append(f"{fold.name}: {len(test)} test rows of {len(set(r.book_id for r in test))} test books; "
-                     f"option-only trained on {len(train_rows)} train-book rows ({dropped} dropped for "
-                     f"quoting test-book text); {100 * answers_seen:.1f}% of test answers also occur "
-                     "verbatim in train books (common phrases: 'UNK !' ...)")
-    return outcomes, notes
-
-
-def _short(boxes, width: int = 48) -> str:
-    text = " / ".join(boxes) or "(no text)"
-    return text if len(text) <= width else text[:width - 1] + "…"
-
-
-def error_examples(arrays: comics_eval.RowArrays, predictions, n: int = 3) -> list[str]:
-    """A few rows the model gets wrong, as notes: where, the context, what it picked, the truth."""
-    wrong = np.flatnonzero(np.asarray(predictions) != arrays.labels)[:n]
-    return [f"model error {row.source}:{row.line} (book {row.book_id}): context "
-            f"[{' | '.join(_short(b, 32) for b in row.context_boxes)}] picked "
-            f"'{_short(row.candidates[predictions[i]])}', true '{_short(row.answer_boxes)}'"
-            for i, row in ((i, arrays.rows[i]) for i in wrong)]
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ComicsFoldError, TextEncoderError, Stage3StoreError) as error:
+    except (ComicsFoldError, TextEncoderError, Stage3StoreError, GraphRunError) as error:
         print(f"[comics] error: {error}", file=sys.stderr)
         return 2
     return 0

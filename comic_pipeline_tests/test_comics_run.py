@@ -1,25 +1,30 @@
-"""The offline encoder, the COMICS evaluation pieces, and the whole `make comics` path on a slice
-of the real folds with the real encoder (skipped when the `comics` extra is not installed)."""
+"""The offline encoder, the COMICS evaluation pieces, and the whole `make comics` path (import,
+then the asset graph through Dagster) on a slice of the real folds with the real encoder (skipped
+when the `comics` extra is not installed)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pytest
 import torch
 
 from comic_pipeline import comics_eval as ce
 from comic_pipeline import comics_folds as cf
-from comic_pipeline import comics_run, tasks
+from comic_pipeline import comics_run, home, schema, tasks
 from comic_pipeline.comics_import import import_folds
+from comic_pipeline.defs.keys import COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK
 from comic_pipeline.model import ModelConfig, SequenceModel
 
 from comic_pipeline.text_encoder import OFFLINE_SWITCHES, TextEncoder
+from comic_pipeline.tracking import Tracking
 
 # find_spec, not an import: importing sentence-transformers at collection costs seconds
 needs_encoder = pytest.mark.skipif(
@@ -148,21 +153,37 @@ def test_model_scores_verbatim_rows_through_its_heads():
 
 
 @needs_encoder
-def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, capsys, no_network):
-    """Import + splits + tasks + training + COMICS table; importing again encodes nothing."""
+def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, migrated_mlflow_db, capsys, no_network):
+    """Import, then the asset graph through Dagster on that store in its own home: validation,
+    splits, tasks, training, comics_evaluation and its check; the table; importing again encodes
+    nothing. (evaluation/* is left out here: the Dagster-layer tests cover it.)"""
+    shutil.copy(migrated_mlflow_db, Path(comics_home) / "mlflow.db")  # skips ~4 s of migrations
     argv = ["--folds", ",".join(SLICES), "--home", comics_home, "--preset", "tiny", "--epochs", "1",
-            "--max-steps", "8", "--device", "cpu", "--samples-per-page", "2"]
+            "--max-steps", "8", "--device", "cpu", "--samples-per-page", "2", "--no-internal"]
     summary = comics_run.run(comics_run.parse_args(argv))
     out = capsys.readouterr().out
     assert summary["import"]["books"] == 22 and summary["splits"]["test"] == 5
+    assert "[comics] comic_splits -> tasks -> sequence_model -> comics_evaluation: ok" in out
     assert "text_cloze_dev_easy_slice.csv (text_cloze; published column 'text_cloze_easy')" in out
     assert "published (Iyyer et al. 2017): text-only" in out and "Caveats:" in out
     assert {"sequence_filling", "reading_order"} <= set(summary["training"]["tasks"])
     scored = {(r["fold"], r["group"]) for r in summary["comics"]}
     for fold in ("text_cloze_dev_easy_slice.csv", "char_coherence_dev_slice.csv"):
-        assert (fold, "label-free") in scored and (fold, "option-only") in scored
+        assert {(fold, "label-free"), (fold, "option-only"), (fold, "model")} <= scored
     for row in summary["comics"]:
         assert row["n_books"] == 5 and 0.0 <= row["low"] <= row["accuracy"] <= row["high"] <= 1.0
+
+    # what the UI shows: the asset's table and its passed leakage check, in the home's instance
+    with dg.DagsterInstance.local_temp(str(Path(comics_home) / "dagster")) as instance:
+        event = instance.get_latest_materialization_event(COMICS_EVALUATION)
+        assert "published (Iyyer et al. 2017): text-only" in event.asset_materialization.metadata["table"].value
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)])
+        assert check[dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)].status.value == "SUCCEEDED"
+    tracking = Tracking(home.mlflow_tracking_uri(comics_home), "comic_pipeline", "comic-sequence-model")
+    run_id = tracking.run_id_of(summary["training"]["model_version"])
+    assert any(k.startswith("comics_text_cloze_dev_easy_slice_csv_model")
+               for k in tracking.client().get_run(run_id).data.metrics)
     on_disk = json.loads((Path(comics_home) / "comics_results.json").read_text())
     assert on_disk["import"]["books"] == 22
     assert summary["import"]["encoded"] > 1000  # the slice's strings, encoded once
@@ -191,6 +212,22 @@ def test_kfold_by_book_tests_every_book_once_and_pools_the_rows():
 
 def test_model_errors_are_shown_as_rows():
     arrays = _arrays(cf.TEXT_CLOZE, [(("w1 x",), ("w2 y",), ("w3 z",))] * 2, [0, 1], [(("w1 a",), (), ())] * 2)
-    (example,) = comics_run.error_examples(arrays, np.array([0, 2]))
+    (example,) = ce.error_examples(arrays, np.array([0, 2]))
     assert example == ("model error x.csv:3 (book b1): context [w1 a | (no text) | (no text)] picked "
                        "'w3 z', true 'w2 y'")
+
+
+def test_the_leakage_check_sees_a_test_comic_behind_any_panel_a_train_sample_reads():
+    from comic_pipeline.defs.comics import comics_read_by
+
+    def samples(page, options):
+        return schema.OptionSamples(page=np.array(page, np.int32), context=np.zeros((len(page), 2), np.int16),
+                                    options=np.array(options, np.int64), label=np.zeros(len(page), np.int16))
+
+    # page rows 0, 1, 2 belong to comics a, b, t; flat panel ref = page_row * max_panels + slot
+    dataset = schema.TaskDataset(task="text_closure", comic_ids=np.array(["a", "b", "t"]),
+                                 page_numbers=np.zeros(3, np.int32), max_panels=4,
+                                 splits={"train": samples([0], [[1, 5]]), "test": samples([2], [[9, 10]])})
+    assert comics_read_by(dataset, ["train"]) == {"a", "b"}  # b only through an option
+    dataset.splits["val"] = samples([1], [[4, 8]])  # an option on the test comic's page
+    assert "t" in comics_read_by(dataset, ["train", "val"])

@@ -10,13 +10,14 @@ from pathlib import Path
 from comic_pipeline import schema
 from comic_pipeline.definitions import defs
 from comic_pipeline.defs.keys import (
-    CHAMPION_MODEL, CONTEXTUALIZED_EMBEDDINGS, EVALUATION_KEYS, EVALUATION_SUMMARY, SEQUENCE_MODEL, TASK_KEYS,
+    CHAMPION_MODEL, COMIC_SPLITS, COMICS_EVALUATION, CONTEXTUALIZED_EMBEDDINGS, EVALUATION_KEYS,
+    EVALUATION_SUMMARY, SEQUENCE_MODEL, TASK_KEYS,
 )
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 DEFS = CHECKOUT / "comic_pipeline" / "defs"
 # Modules of defs/ that define assets: siblings that never import each other.
-ASSET_FILES = {"stage3", "tasks", "training", "evaluation", "champion", "embeddings"}
+ASSET_FILES = {"stage3", "tasks", "training", "evaluation", "champion", "embeddings", "comics"}
 
 
 def test_definitions_load_with_every_asset_group_and_automation():
@@ -24,7 +25,7 @@ def test_definitions_load_with_every_asset_group_and_automation():
     repository = definitions.get_repository_def()
     keys = {key.to_user_string() for key in repository.asset_graph.get_all_asset_keys()}
     expected = {"stage3_store", "stage3_panel_embeddings", "comic_splits", "sequence_model",
-                "champion_model", "contextualized_embeddings", "evaluation/summary"}
+                "champion_model", "contextualized_embeddings", "evaluation/summary", "comics_evaluation"}
     expected |= {f"tasks/{t}" for t in schema.TASK_NAMES} | {f"evaluation/{t}" for t in schema.TASK_NAMES}
     assert expected <= keys
     assert definitions.get_sensor_def("new_comics_sensor")
@@ -50,6 +51,7 @@ def test_downstream_assets_receive_their_upstream_as_typed_inputs():
         assert SEQUENCE_MODEL in input_keys(key), key
     assert {SEQUENCE_MODEL, EVALUATION_SUMMARY} <= input_keys(CHAMPION_MODEL)
     assert CHAMPION_MODEL in input_keys(CONTEXTUALIZED_EMBEDDINGS)
+    assert {SEQUENCE_MODEL, COMIC_SPLITS} <= input_keys(COMICS_EVALUATION)
 
 
 def _project_imports(tree: ast.AST):
@@ -64,7 +66,8 @@ def _project_imports(tree: ast.AST):
 
 # The domain modules that import torch: imported inside the steps that use them (the definitions
 # load in every run process; see test_loading_the_definitions_imports_no_torch_mlflow_or_pandas).
-TORCH_MODULES = {"training", "evaluation", "inference"}
+# comics_eval scores COMICS rows through the model (torch) in the comics_evaluation step.
+TORCH_MODULES = {"training", "evaluation", "inference", "comics_eval"}
 
 
 def test_no_asset_file_imports_another_and_no_function_local_project_imports():
@@ -86,7 +89,7 @@ def test_no_asset_file_imports_another_and_no_function_local_project_imports():
 def test_every_definition_has_a_description_and_a_group():
     repository = defs().get_repository_def()
     graph = repository.asset_graph
-    groups = {"stage3", "tasks", "training", "evaluation", "embeddings"}
+    groups = {"stage3", "tasks", "training", "evaluation", "embeddings", "comics"}
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.description and len(node.description) > 30, key

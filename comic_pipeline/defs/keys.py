@@ -19,6 +19,7 @@ EVALUATION_KEYS = {name: dg.AssetKey(["evaluation", name]) for name in schema.TA
 EVALUATION_SUMMARY = dg.AssetKey(["evaluation", "summary"])
 CHAMPION_MODEL = dg.AssetKey("champion_model")
 CONTEXTUALIZED_EMBEDDINGS = dg.AssetKey("contextualized_embeddings")
+COMICS_EVALUATION = dg.AssetKey("comics_evaluation")  # real COMICS rows (DESIGN §9)
 
 # The quality gates: the asset checks of every evaluation/<task>.
 BLOCKING_GATES = ("beats_chance", "beats_shortcuts")
@@ -27,3 +28,4 @@ REGRESSION_GATE = "no_regression_vs_champion"
 # the default of champion_model's blocking comparison.
 REGRESSION_TOLERANCE = 0.02
 STALE_EMBEDDINGS_CHECK = "embeddings_made_by_champion"
+UNSEEN_TEST_BOOKS_CHECK = "test_books_unseen_in_training"
