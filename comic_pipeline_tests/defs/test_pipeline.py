@@ -165,6 +165,15 @@ def test_a_random_model_fails_the_gates_and_champion_model_alone_refuses_it(trai
     assert pipeline.stored(CHAMPION_MODEL).version == champion_before  # downstream still sees the old one
 
 
+def test_comics_evaluation_on_a_store_without_comics_folds_scores_nothing_and_says_so(trained_pipeline, monkeypatch):
+    # "Materialize all" on the demo corpus includes the comics group: it must not fail the run
+    monkeypatch.delenv("COMICS_FOLDS", raising=False)
+    result = trained_pipeline.materialize(["comics_evaluation"])
+    (materialized,) = result.asset_materializations_for_node("comics_evaluation")
+    assert "nothing scored: no COMICS fold files" in materialized.metadata["skipped"].value
+    assert all(check.passed for check in result.get_asset_check_evaluations())
+
+
 def test_training_refuses_to_run_untracked(empty_pipeline):
     pipeline = start_pipeline(empty_pipeline, n_comics=6)
     storage = pipeline.resources["storage"]
