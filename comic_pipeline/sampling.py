@@ -9,8 +9,9 @@ Distractors
 Hard distractors come from other pages of the same comic, easy ones from other comics of the same
 split (never from another split). Among the eligible candidates the generator prefers those whose
 cosine similarity to the context (its mean, and the panels next to the answer) is closest to the
-answer's own, and it places the answer at a uniformly random rank on one of those similarities:
-so "pick the option most / least like the context" is at chance by construction, on any corpus,
+answer's own, and it places the answer at a uniformly random rank on every one of those
+similarities at once: so "pick the option most / least like the context" is at chance by
+construction, on any corpus,
 and what is left to tell the answer apart is how panels follow each other. Candidates are
 de-duplicated by content and never equal (by reference or content) the answer or a context panel.
 """
@@ -182,34 +183,62 @@ def _nearest(distance: np.ndarray, k: int) -> np.ndarray:
 
 def _choose_distractors(rng: np.random.Generator, answer_sim: np.ndarray, candidate_sim: np.ndarray,
                         eligible: np.ndarray, n_pick: int, match: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Pick `n_pick` eligible candidates per sample.
+    """Pick `n_pick` distinct eligible candidates per sample.
 
     answer_sim (n, F): the answer's similarity to each reference; candidate_sim (n, C, F): the
-    candidates'; eligible (n, C) bool. With `match`, the nearest candidates in similarity are
-    taken, a uniformly random number r of them below the answer on one random reference and the
-    rest above: the answer's rank among the options on that similarity is then uniform.
+    candidates'; eligible (n, C) bool. Without `match`, uniformly among the eligible.
+
+    With `match`, the answer's rank among the options is uniform on every reference at once: for
+    each reference f an independent uniform count r_f in 0..n_pick of distractors is to lie below
+    the answer, spread over the distractor slots at random (reference by reference), which gives
+    every slot a wanted below/above pattern over the F references. Each slot takes the nearest
+    free candidate (summed |similarity delta| to the answer) with exactly that pattern; a slot
+    whose pattern has run out of candidates takes the nearest free one that differs from it on
+    the fewest references, so a sample is dropped only when it has fewer than n_pick eligible
+    candidates. With F = 1 this is: r nearest below the answer, the rest nearest above.
     Returns picks (n, n_pick) candidate indices and ok (n,) (enough candidates).
     """
     n, C = eligible.shape
-    available = eligible.sum(axis=1)
-    ok = available >= n_pick
+    ok = eligible.sum(axis=1) >= n_pick
     if C < n_pick:
         return np.zeros((n, n_pick), dtype=np.int64), np.zeros(n, dtype=bool)
     if not match:
         return _nearest(np.where(eligible, rng.random((n, C)), np.inf), n_pick), ok
+    F = answer_sim.shape[1]
     delta = candidate_sim - answer_sim[:, None, :]  # (n, C, F)
     distance = np.abs(delta).sum(axis=2) + 1e-7 * rng.random((n, C))  # jitter breaks exact ties
-    primary = rng.integers(delta.shape[2], size=n)  # (n,) the reference whose rank is balanced
-    below = np.take_along_axis(delta, primary[:, None, None], axis=2)[..., 0] < 0  # (n, C)
-    n_below = (eligible & below).sum(axis=1)
-    n_above = (eligible & ~below).sum(axis=1)
-    wanted = rng.integers(0, n_pick + 1, size=n)  # distractors below the answer
-    take_below = np.clip(np.clip(wanted, n_pick - n_above, None), 0, n_below)  # (n,)
-    nearest_below = _nearest(np.where(eligible & below, distance, np.inf), n_pick)
-    nearest_above = _nearest(np.where(eligible & ~below, distance, np.inf), n_pick)
-    j = np.arange(n_pick)[None, :]
-    from_above = np.take_along_axis(nearest_above, np.clip(j - take_below[:, None], 0, n_pick - 1), axis=1)
-    picks = np.where(j < take_below[:, None], nearest_below, from_above)
+    below = delta < 0  # (n, C, F) the candidate lies below the answer on reference f
+    bits = 1 << np.arange(F)  # a below/above pattern as an integer code
+    code = below @ bits  # (n, C)
+    # the wanted patterns: r_f slots below on reference f, which slots drawn independently per f
+    wanted_below = rng.integers(0, n_pick + 1, size=(n, F, 1))  # (n, F, 1) r_f
+    slot_rank = np.argsort(rng.random((n, F, n_pick)), axis=2)  # (n, F, n_pick) random permutations
+    want = (slot_rank < wanted_below).transpose(0, 2, 1)  # (n, n_pick, F)
+    want_code = want @ bits  # (n, n_pick)
+
+    rows = np.arange(n)
+    free = eligible.copy()  # (n, C) eligible and not taken yet
+    picks = np.zeros((n, n_pick), dtype=np.int64)
+    filled = np.zeros((n, n_pick), dtype=bool)
+    for j in range(n_pick):  # first every slot from its own pattern...
+        cost = np.where(free & (code == want_code[:, j, None]), distance, np.inf)  # (n, C)
+        best = np.argmin(cost, axis=1)
+        filled[:, j] = np.isfinite(cost[rows, best])
+        picks[:, j] = best
+        free[rows[filled[:, j]], best[filled[:, j]]] = False
+    short = np.flatnonzero(~filled.all(axis=1) & ok)
+    if short.size:  # ...then the slots left over from the closest pattern (fewest references off)
+        s_below, s_distance, s_free = below[short], distance[short], free[short]
+        off_weight = 2.0 * F + 1.0  # > any summed |delta| (<= 2F): one reference off outweighs it
+        for j in range(n_pick):
+            todo = np.flatnonzero(~filled[short, j])
+            if todo.size == 0:
+                continue
+            off = (s_below[todo] != want[short[todo], j, None, :]).sum(axis=2)  # (t, C) refs off
+            cost = np.where(s_free[todo], off * off_weight + s_distance[todo], np.inf)
+            best = np.argmin(cost, axis=1)
+            picks[short[todo], j] = best
+            s_free[todo, best] = False
     return picks, ok
 
 
