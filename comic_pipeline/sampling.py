@@ -229,13 +229,14 @@ def _allocation_weights(feasible: np.ndarray, margins: np.ndarray, prior: np.nda
     levels, first, level_of = np.unique(margins, axis=0, return_index=True, return_inverse=True)
     feasible = np.where(feasible.any(axis=1, keepdims=True), feasible, True)  # a dropped sample: any
     base = np.add.reduceat(feasible * prior, first, axis=1)  # (n, M) prior mass per margin vector
+    is_count = (levels[:, :, None] == np.arange(n_counts)).astype(float)  # (M, F, R)
     target = counted.sum(axis=0)[:, None] / n_counts  # (F, 1) samples wanted at each number below
     log_factors = np.zeros((n_refs, n_counts))  # (F, R)
     for _ in range(iterations):
         weight = base * np.exp(log_factors[refs, levels].sum(axis=1))  # (n, M)
         weight /= weight.sum(axis=1, keepdims=True)
         mass = np.einsum("nf,nm->fm", counted, weight)  # (F, M) counted samples per margin vector
-        load = np.stack([np.bincount(levels[:, f], mass[f], n_counts) for f in refs])  # (F, R)
+        load = np.einsum("fm,mfr->fr", mass, is_count)  # (F, R) samples at each number below
         if np.all(np.abs(load - target) <= tolerance * target + 1e-9):
             break
         log_factors += np.log(np.where(load > 0, target / np.maximum(load, 1e-12), 1.0))
@@ -275,9 +276,10 @@ def _choose_distractors(rng: np.random.Generator, answer_sim: np.ndarray, candid
     informative = np.zeros((n, F), dtype=bool)  # an all-tied reference (a silent context) tells nothing
     for f in range(F):  # (n, C) slices: the candidates' similarities come reference-major
         delta = candidate_sim[:, :, f] - answer_sim[:, f, None]
-        distance += np.abs(delta)
+        gap = np.abs(delta)
+        distance += gap
         pattern |= (delta < 0).view(np.int8) << f
-        informative[:, f] = (delta != 0).any(axis=1)
+        informative[:, f] = gap.max(axis=1) > 0
     pattern = np.where(eligible, pattern, n_patterns)  # the ineligible: a pattern nobody wants
     per_row = np.arange(n)[:, None] * (n_patterns + 1) + pattern
     available = np.bincount(per_row.ravel(), minlength=n * (n_patterns + 1)).reshape(n, -1)[:, :-1]
