@@ -9,14 +9,17 @@ Distractors
 Hard distractors come from other pages of the same comic, easy ones from other comics of the same
 split (never from another split). Among the eligible candidates the generator prefers those whose
 cosine similarity to the context (its mean, and the panels next to the answer) is closest to the
-answer's own, and it places the answer at a uniformly random rank on one of those similarities:
-so "pick the option most / least like the context" is at chance by construction, on any corpus,
-and what is left to tell the answer apart is how panels follow each other. Candidates are
+answer's own, and it places the answer at a uniformly random rank on every one of those
+similarities at once (where an answer's candidates leave it no choice, the other samples make up
+for it): so "pick the option most / least like the context" is at chance by construction, on any
+corpus, and what is left to tell the answer apart is how panels follow each other. Candidates are
 de-duplicated by content and never equal (by reference or content) the answer or a context panel.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -180,36 +183,116 @@ def _nearest(distance: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(smallest, order, axis=1)
 
 
+@functools.cache
+def _allocations(n_pick: int, n_refs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every way to spread `n_pick` distractors over the 2**F below/above patterns of F references.
+
+    A pattern is an int whose bit f says "below the answer on reference f". Returns, per
+    allocation: slots (A, n_pick) the pattern of each distractor slot; counts (A, 2**F) how many
+    distractors have each pattern; margins (A, F) how many lie below the answer on each
+    reference; prior (A,) its chance when the number below is uniform in 0..n_pick on every
+    reference independently and which distractors lie below is random (per reference): the ideal,
+    under which the answer's rank on each reference is uniform.
+    """
+    n_patterns = 2 ** n_refs
+    slots = np.array(list(itertools.combinations_with_replacement(range(n_patterns), n_pick)))
+    counts = np.stack([np.bincount(row, minlength=n_patterns) for row in slots])  # (A, O)
+    bits = (np.arange(n_patterns)[:, None] >> np.arange(n_refs)[None, :]) & 1  # (O, F)
+    margins = counts @ bits  # (A, F)
+    # P(allocation) = P(margins) * P(patterns | margins) ∝ multinomial(counts) / prod_f C(n_pick, r_f)
+    log_factorial = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n_pick + 1)))])
+    log_multinomial = log_factorial[n_pick] - log_factorial[counts].sum(axis=1)
+    log_binomials = (log_factorial[n_pick] - log_factorial[margins] - log_factorial[n_pick - margins]).sum(axis=1)
+    prior = np.exp(log_multinomial - log_binomials)
+    order = np.lexsort(margins.T[::-1])  # equal margin vectors in contiguous runs
+    return slots[order], counts[order], margins[order], prior[order] / prior.sum()
+
+
+def _allocation_weights(feasible: np.ndarray, margins: np.ndarray, prior: np.ndarray,
+                        counted: np.ndarray, iterations: int = 30, tolerance: float = 0.02) -> np.ndarray:
+    """(n, A) each sample's chances over the allocations its candidates can fill (feasible (n, A)).
+
+    The prior where every allocation is feasible. An answer more like the context than nearly all
+    its candidates can only stand on top, though; left alone, such samples make "pick the most
+    similar option" win more often than 1 in K. So the prior is reweighted by one factor per
+    reference and number below, fitted by iterative proportional fitting until, over the samples
+    of this call, every number below is equally frequent on every reference to within
+    `tolerance` (well below sampling noise), where that can be done: the free samples make up for
+    the forced ones. counted (n, F) float: 1 where a sample counts on reference f (a sample
+    dropped, or whose candidates all tie with the answer on f, is at chance there whatever its
+    allocation).
+    """
+    n_refs, n_counts = margins.shape[1], int(margins.max()) + 1
+    refs = np.arange(n_refs)
+    # the fit only sees the numbers below: it runs on the distinct margin vectors (M <= A), which
+    # _allocations keeps in contiguous runs
+    levels, first, level_of = np.unique(margins, axis=0, return_index=True, return_inverse=True)
+    feasible = np.where(feasible.any(axis=1, keepdims=True), feasible, True)  # a dropped sample: any
+    base = np.add.reduceat(feasible * prior, first, axis=1)  # (n, M) prior mass per margin vector
+    is_count = (levels[:, :, None] == np.arange(n_counts)).astype(float)  # (M, F, R)
+    target = counted.sum(axis=0)[:, None] / n_counts  # (F, 1) samples wanted at each number below
+    log_factors = np.zeros((n_refs, n_counts))  # (F, R)
+    for _ in range(iterations):
+        weight = base * np.exp(log_factors[refs, levels].sum(axis=1))  # (n, M)
+        weight /= weight.sum(axis=1, keepdims=True)
+        mass = np.einsum("nf,nm->fm", counted, weight)  # (F, M) counted samples per margin vector
+        load = np.einsum("fm,mfr->fr", mass, is_count)  # (F, R) samples at each number below
+        if np.all(np.abs(load - target) <= tolerance * target + 1e-9):
+            break
+        log_factors += np.log(np.where(load > 0, target / np.maximum(load, 1e-12), 1.0))
+        log_factors -= log_factors.max(axis=1, keepdims=True)
+    weight = feasible * prior * np.exp(log_factors[refs, levels].sum(axis=1))[level_of]  # (n, A)
+    return weight / weight.sum(axis=1, keepdims=True)
+
+
 def _choose_distractors(rng: np.random.Generator, answer_sim: np.ndarray, candidate_sim: np.ndarray,
                         eligible: np.ndarray, n_pick: int, match: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Pick `n_pick` eligible candidates per sample.
+    """Pick `n_pick` distinct eligible candidates per sample.
 
     answer_sim (n, F): the answer's similarity to each reference; candidate_sim (n, C, F): the
-    candidates'; eligible (n, C) bool. With `match`, the nearest candidates in similarity are
-    taken, a uniformly random number r of them below the answer on one random reference and the
-    rest above: the answer's rank among the options on that similarity is then uniform.
-    Returns picks (n, n_pick) candidate indices and ok (n,) (enough candidates).
+    candidates'; eligible (n, C) bool. Without `match`, uniformly among the eligible.
+
+    With `match`, the answer's rank among the options is uniform on every reference at once. Each
+    candidate has a pattern: below or above the answer on each of the F references. A sample
+    draws an allocation (how many distractors of each pattern, _allocations) among those its
+    candidates can fill, with chances that make the number below the answer on every reference
+    uniform in 0..n_pick over the samples (_allocation_weights), then takes for each distractor
+    the nearest free candidate of its pattern (summed |similarity delta| to the answer). With
+    F = 1 and candidates on both sides to spare, this is: r ~ U{0..n_pick} nearest below the
+    answer, the rest nearest above. Returns picks (n, n_pick) candidate indices and ok (n,)
+    (enough candidates).
     """
     n, C = eligible.shape
-    available = eligible.sum(axis=1)
-    ok = available >= n_pick
+    ok = eligible.sum(axis=1) >= n_pick
     if C < n_pick:
         return np.zeros((n, n_pick), dtype=np.int64), np.zeros(n, dtype=bool)
     if not match:
         return _nearest(np.where(eligible, rng.random((n, C)), np.inf), n_pick), ok
-    delta = candidate_sim - answer_sim[:, None, :]  # (n, C, F)
-    distance = np.abs(delta).sum(axis=2) + 1e-7 * rng.random((n, C))  # jitter breaks exact ties
-    primary = rng.integers(delta.shape[2], size=n)  # (n,) the reference whose rank is balanced
-    below = np.take_along_axis(delta, primary[:, None, None], axis=2)[..., 0] < 0  # (n, C)
-    n_below = (eligible & below).sum(axis=1)
-    n_above = (eligible & ~below).sum(axis=1)
-    wanted = rng.integers(0, n_pick + 1, size=n)  # distractors below the answer
-    take_below = np.clip(np.clip(wanted, n_pick - n_above, None), 0, n_below)  # (n,)
-    nearest_below = _nearest(np.where(eligible & below, distance, np.inf), n_pick)
-    nearest_above = _nearest(np.where(eligible & ~below, distance, np.inf), n_pick)
-    j = np.arange(n_pick)[None, :]
-    from_above = np.take_along_axis(nearest_above, np.clip(j - take_below[:, None], 0, n_pick - 1), axis=1)
-    picks = np.where(j < take_below[:, None], nearest_below, from_above)
+    F = answer_sim.shape[1]
+    slots, counts, margins, prior = _allocations(n_pick, F)
+    n_patterns = counts.shape[1]
+    distance = 1e-7 * rng.random((n, C))  # (n, C) summed |similarity delta|; jitter breaks exact ties
+    pattern = np.zeros((n, C), dtype=np.int8)  # bit f: below the answer on reference f
+    informative = np.zeros((n, F), dtype=bool)  # an all-tied reference (a silent context) tells nothing
+    for f in range(F):  # (n, C) slices: the candidates' similarities come reference-major
+        delta = candidate_sim[:, :, f] - answer_sim[:, f, None]
+        gap = np.abs(delta)
+        distance += gap
+        pattern |= (delta < 0).view(np.int8) << f
+        informative[:, f] = gap.max(axis=1) > 0
+    pattern = np.where(eligible, pattern, n_patterns)  # the ineligible: a pattern nobody wants
+    per_row = np.arange(n)[:, None] * (n_patterns + 1) + pattern
+    available = np.bincount(per_row.ravel(), minlength=n * (n_patterns + 1)).reshape(n, -1)[:, :-1]
+    feasible = (counts[None, :, :] <= available[:, None, :]).all(axis=2)  # (n, A)
+    weight = _allocation_weights(feasible, margins, prior, (informative & ok[:, None]).astype(float))
+    chosen = (rng.random((n, 1)) > np.cumsum(weight, axis=1)[:, :-1]).sum(axis=1)  # (n,)
+    wanted = slots[chosen]  # (n, n_pick) the pattern of each distractor
+
+    rows = np.arange(n)
+    picks = np.zeros((n, n_pick), dtype=np.int64)
+    for j in range(n_pick):  # the nearest free candidate of the wanted pattern (one exists if ok)
+        picks[:, j] = np.argmin(np.where(pattern == wanted[:, j, None], distance, np.inf), axis=1)
+        distance[rows, picks[:, j]] = np.inf  # taken
     return picks, ok
 
 

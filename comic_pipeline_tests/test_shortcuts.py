@@ -1,6 +1,6 @@
 """The shortcut audit on the demo corpus, and proof that its tasks are still learnable.
 
-Acceptance bar: no label-free heuristic beats chance by more than 10 points on any task, while a
+Acceptance bar: no label-free heuristic beats chance by more than 5 points on any task, while a
 linear probe fit on the train split beats chance by at least 25 points. A corpus of pure noise
 would pass the first and fail the second; the prototype's same-page distractors fail the first.
 """
@@ -13,7 +13,7 @@ import pytest
 from comic_pipeline import corpus, shortcuts, tasks
 from comic_pipeline.schema import SPLITS, TASK_NAMES
 
-MAX_MARGIN = 0.10
+MAX_MARGIN = 0.05
 PROBE_MARGIN = 0.25
 
 
@@ -27,7 +27,7 @@ def demo():
 
 
 @pytest.mark.parametrize("split", ["test", "all"])
-def test_no_heuristic_beats_chance_by_more_than_10_points(demo, split):
+def test_no_heuristic_beats_chance_by_more_than_5_points(demo, split):
     features, _, datasets = demo
     table = shortcuts.shortcut_table(datasets, features, split)
     assert set(table["task"]) >= set(TASK_NAMES)
@@ -47,7 +47,7 @@ def test_the_audit_catches_the_prototype_shortcuts(demo):
     unmatched = tasks.generate_task("visual_closure", features, split_of,
                                     tasks.TaskConfig(match_similarity=False))
     accuracy = shortcuts.shortcut_accuracies(unmatched, features, "test")
-    assert accuracy["most_similar_to_last_context"] > 0.2 + MAX_MARGIN
+    assert accuracy["most_similar_to_last_context"] > 0.2 + 0.10  # far above the bar, not just over it
 
     # prototype-like: every distractor is the same panel drawn again
     with_replacement = dataclasses.replace(datasets["visual_closure"], splits={

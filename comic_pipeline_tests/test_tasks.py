@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from comic_pipeline import corpus, tasks
+from comic_pipeline import corpus, sampling, tasks
 from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, load_task_dataset, save_task_dataset
 
 CONFIG = dataclasses.replace(corpus.SIZES["tiny"], n_comics=30)
@@ -235,6 +235,55 @@ def test_the_answer_position_is_uniform_and_uncorrelated(features, split_of):
         for name, other in (("slot", answer % dataset.max_panels), ("page", s["page"])):
             r = np.corrcoef(label, other)[0, 1]
             assert abs(r) < 4 / np.sqrt(len(label)), f"{task}: label correlates with {name} (r={r:.3f})"
+
+
+def similarity_draw(n_refs, n=3000, n_candidates=24, shift=0.8, seed=0):
+    """Answer and candidate similarities to n_refs correlated references; the answer is more like
+    its context than most candidates (as a panel of the context's own page is): about half the
+    answers have fewer than 4 candidates above them on a reference, one in eight none."""
+    rng = np.random.default_rng(seed)
+    candidate_sim = (0.7 * rng.normal(size=(n, n_candidates, 1))
+                     + 0.5 * rng.normal(size=(n, n_candidates, n_refs)))  # (n, C, F)
+    answer_sim = shift + 0.5 * rng.normal(size=(n, n_refs))  # (n, F)
+    eligible = rng.random((n, n_candidates)) < 0.8
+    return answer_sim, candidate_sim, eligible
+
+
+@pytest.mark.parametrize("n_refs", [1, 2, 3])
+def test_matched_distractors_put_the_answer_at_a_uniform_rank_on_every_reference(n_refs):
+    """On each reference the number of distractors below the answer is uniform in 0..K-1, even
+    though many answers have too few candidates above them to be anything but on top."""
+    answer_sim, candidate_sim, eligible = similarity_draw(n_refs)
+    n_pick = 4
+    n_above = ((candidate_sim >= answer_sim[:, None, :]) & eligible[..., None]).sum(axis=1)
+    assert (n_above == 0).mean() > 0.1 and (n_above < n_pick).mean() > 0.4  # the hard case
+    picks, ok = sampling._choose_distractors(np.random.default_rng(1), answer_sim, candidate_sim,
+                                             eligible, n_pick, match=True)
+    assert ok.all() and np.take_along_axis(eligible, picks, axis=1).all()
+    assert (np.diff(np.sort(picks, axis=1), axis=1) > 0).all(), "a candidate picked twice"
+    picked = np.take_along_axis(candidate_sim, picks[..., None], axis=1)  # (n, k, F)
+    below = (picked < answer_sim[:, None, :]).sum(axis=1)  # (n, F)
+    for f in range(n_refs):
+        share = np.bincount(below[:, f], minlength=n_pick + 1) / len(below)
+        np.testing.assert_allclose(share, 1 / (n_pick + 1), atol=0.03, err_msg=f"reference {f}")
+
+
+def test_with_one_reference_and_candidates_to_spare_the_nearest_below_and_above_are_taken():
+    """F = 1: r ~ U{0..k} nearest candidates below the answer, the other k - r nearest above."""
+    rng = np.random.default_rng(2)
+    n, n_candidates, n_pick = 2000, 40, 4
+    candidate_sim = rng.uniform(-1, 1, size=(n, n_candidates, 1))
+    answer_sim = np.zeros((n, 1))
+    eligible = np.ones((n, n_candidates), dtype=bool)
+    picks, ok = sampling._choose_distractors(rng, answer_sim, candidate_sim, eligible, n_pick, match=True)
+    delta = candidate_sim[..., 0]  # (n, C)
+    r = (np.take_along_axis(delta, picks, axis=1) < 0).sum(axis=1)
+    np.testing.assert_allclose(np.bincount(r, minlength=n_pick + 1) / n, 1 / (n_pick + 1), atol=0.03)
+    by_nearness = np.argsort(np.abs(delta), axis=1)
+    for row in range(0, n, 97):
+        near_below = [c for c in by_nearness[row] if delta[row, c] < 0][:r[row]]
+        near_above = [c for c in by_nearness[row] if delta[row, c] >= 0][:n_pick - r[row]]
+        assert sorted(picks[row]) == sorted(near_below + near_above)
 
 
 # --- reading order ---------------------------------------------------------------------------------
