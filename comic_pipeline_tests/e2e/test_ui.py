@@ -50,8 +50,9 @@ BACKFILL_TIMEOUT_S = 300  # one embedding run (the backfill daemon ticks every 3
 
 STALE_CHECK = "embeddings_made_by_champion"
 # Training is seeded: on the tiny corpus seed 1 trains a version that passes every blocking gate but
-# is more than 0.02 below the seed-0 champion on some tasks (measured: character_coherence -0.031,
-# visual_closure -0.040), so champion_model refuses it until allow_regression is set.
+# is more than 0.02 below the seed-0 champion on some task (measured with the slot-matched,
+# jointly rank-balanced distractors: text_closure 0.833 vs 0.903), so champion_model refuses it
+# until allow_regression is set.
 RETRAIN_YAML = "ops:\n  sequence_model:\n    config:\n      seed: 1\n"
 PROMOTE_YAML = "ops:\n  champion_model:\n    config:\n      allow_regression: true\n"
 
