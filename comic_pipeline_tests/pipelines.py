@@ -8,6 +8,8 @@ homes with the same data, config and code resume instead of training again.
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import shutil
 import sqlite3
 from contextlib import contextmanager
@@ -130,3 +132,35 @@ def build_trained_home(root: Path, migrated_mlflow_db: Path) -> Path:
         pipeline.materialize(TRAINING_GRAPH, run_config=training_run_config())
         pipeline.materialize_all_comics(["contextualized_embeddings"])
     return root
+
+
+def _call_and_report(results, index: int, function, arguments) -> None:
+    results.put((index, function(*arguments)))
+
+
+def run_at_once(function, argument_tuples: list[tuple], timeout_s: float = 600) -> list:
+    """function(*arguments) for each tuple, each in a spawned process of its own, all started
+    before any is waited for (as concurrent Dagster run workers are); the results in order.
+
+    Processes, not a multiprocessing.Pool: a pool may hand both calls to one worker, and its
+    terminate() then hangs on an idle worker that ignores SIGTERM."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_call_and_report, args=(results, index, function, arguments))
+                 for index, arguments in enumerate(argument_tuples)]
+    for process in processes:
+        process.start()
+    collected = {}
+    try:
+        for _ in processes:
+            index, value = results.get(timeout=timeout_s)
+            collected[index] = value
+    except queue.Empty:
+        raise AssertionError(f"{function.__name__}: {len(processes) - len(collected)} call(s) gave no result "
+                             f"within {timeout_s:.0f} s (exit codes {[p.exitcode for p in processes]})") from None
+    finally:
+        for process in processes:
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return [collected[index] for index in range(len(processes))]

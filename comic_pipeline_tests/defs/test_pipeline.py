@@ -7,7 +7,6 @@ through materialization metadata and check results.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 
 import dagster as dg
 import numpy as np
@@ -30,6 +29,8 @@ from comic_pipeline.comic_names import comic_key
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.page_search import PageSearch
 from comic_pipeline.quarantine import Quarantine
+
+from comic_pipeline_tests.pipelines import run_at_once
 
 from .conftest import RANGE_END, RANGE_START, TINY_COMICS, TRAINING_GRAPH, start_pipeline, training_run_config
 
@@ -334,10 +335,7 @@ def test_two_embedding_runs_over_different_comics_at_once_both_complete(trained_
     pipeline = trained_pipeline
     half = len(pipeline.comic_ids) // 2
     ranges = [pipeline.comic_ids[:half], pipeline.comic_ids[half:]]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        outcomes = pool.starmap(
-            _embed_range, [(pipeline.instance.get_ref(), str(pipeline.home), r) for r in ranges]
-        )
+    outcomes = run_at_once(_embed_range, [(pipeline.instance.get_ref(), str(pipeline.home), r) for r in ranges])
     assert outcomes == [True, True]
     contextualized = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url())
     champion = pipeline.tracking().champion_version()

@@ -3,7 +3,6 @@ on S3 (moto), MLflow through its tracking server (PostgreSQL backend, S3 artifac
 
 from __future__ import annotations
 
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from comic_pipeline.defs.resources import (
 )
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.tracking import load_model_uri
-from comic_pipeline_tests.pipelines import CHECKPOINT, TINY_COMICS, TINY_TRAINING
+from comic_pipeline_tests.pipelines import CHECKPOINT, TINY_COMICS, TINY_TRAINING, run_at_once
 
 pytestmark = pytest.mark.prod
 
@@ -155,9 +154,8 @@ def test_two_embedding_runs_over_overlapping_comics_at_once_stay_correct(s3_pipe
     ids = s3_pipeline.comic_ids
     keys = list(s3_pipeline.instance.get_dynamic_partitions("comics"))
     ranges = [keys[:6], keys[3:9]]  # 3 comics written by both runs at once
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        outcomes = pool.starmap(embed_range, [(s3_pipeline.instance.get_ref(), s3_pipeline.home,
-                                               s3_pipeline.services.mlflow_uri, r) for r in ranges])
+    outcomes = run_at_once(embed_range, [(s3_pipeline.instance.get_ref(), s3_pipeline.home,
+                                          s3_pipeline.services.mlflow_uri, r) for r in ranges])
     assert outcomes == [True, True]
     url = s3_pipeline.resources["storage"].contextualized_url()
     store = ContextualizedStore.open(url)
