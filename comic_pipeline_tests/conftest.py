@@ -7,6 +7,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
+try:  # Dagster loads its component plugins (dagster-aws) on the first load_from_defs_folder. In a
+    # deep test stack, CPython 3.11.7 raised "AST constructor recursion depth mismatch" importing
+    # them (test_named_comics in the xdist lane); importing them here, at the top, sidesteps it.
+    import dagster_aws.components  # noqa: F401
+except ImportError:  # without the prod extra
+    pass
+
 
 # --- Stage 3 store fixtures (comic_pipeline.store) --------------------------------------------
 PADDING_JUNK = 1e3  # what padded slots hold in these fixtures: readers must zero it
