@@ -35,6 +35,17 @@ COMIC_NAMES = [
     "X-Men 001",
     "Y̆ & Z",
 ]
+# Further names shaped like a collection's, for stores of more than 20 comics.
+_SERIES = ("Detective Comics", "Le Journal de Spirou", "Whiz Comics", "Mickey Mouse Weekly",
+           "Sandman Vol. 2", "Les Schtroumpfs")
+
+
+def collection_names(n: int) -> list[str]:
+    """`n` names as a collection has them: COMIC_NAMES, then "<series> (<year>) #<issue>"."""
+    more = [f"{_SERIES[i % len(_SERIES)]} ({1938 + i}) #{i:03d}" for i in range(max(n - len(COMIC_NAMES), 0))]
+    return (COMIC_NAMES + more)[:n]
+
+
 PADDING_JUNK = LEGACY_JUNK  # the native store's padded slots get the same junk
 
 

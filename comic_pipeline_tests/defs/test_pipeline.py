@@ -24,22 +24,34 @@ from comic_pipeline.defs.keys import (
 )
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef, SplitsRef, TaskDatasetRef
 from comic_pipeline.defs.report import materialization_metadata, summary_table
-from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, build_resources
+from comic_pipeline.defs.resources import MLflowTracking
 from comic_pipeline.demo import graph_definitions
-from comic_pipeline.comic_names import comic_key
+from comic_pipeline.comic_names import comic_key, is_group_name
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.page_search import PageSearch
 from comic_pipeline.quarantine import Quarantine
 
-from .conftest import RANGE_END, RANGE_START, TINY_COMICS, TRAINING_GRAPH, start_pipeline, training_run_config
+from .conftest import (
+    RANGE_END, RANGE_START, TINY_COMICS, TINY_NAMES, TRAINING_GRAPH, home_resources, start_pipeline,
+    training_run_config,
+)
 
 
-def test_demo_store_and_validation_partitions(trained_pipeline):
+def test_named_store_partitions_and_validation(trained_pipeline):
+    """The prebuilt home's store names its comics as a collection does (TINY_NAMES): each is a
+    partition under comic_key(name), validated with its name in its own metadata."""
     instance = trained_pipeline.instance
     described = materialization_metadata(instance, dg.AssetKey("stage3_store"))
-    assert described["comics"] == TINY_COMICS and described["demo"] is True and described["layout"] == "native"
+    assert described["comics"] == TINY_COMICS and described["demo"] is False and described["layout"] == "native"
+    assert described["quarantined_comics"] == "none"
+    keys = {comic_key(name): name for name in TINY_NAMES}
+    assert len(keys) == TINY_COMICS and sum(key != name for key, name in keys.items()) >= 20
+    assert sorted(instance.get_dynamic_partitions("comics")) == sorted(keys) == trained_pipeline.comic_ids
     validated = instance.get_materialized_partitions(dg.AssetKey("stage3_panel_embeddings"))
-    assert validated == set(trained_pipeline.comic_ids)
+    assert validated == set(keys)
+    for key, name in keys.items():
+        metadata = materialization_metadata_of_partition(instance, key)
+        assert metadata["comic"] == name and metadata["pages"] == len(_pages_of(name)), key
 
 
 def test_splits_and_task_datasets_travel_as_refs(trained_pipeline):
@@ -108,6 +120,12 @@ def test_evaluation_report_gates_and_champion(trained_pipeline):
     assert f"champion: {model.version}" in table and "sequence_filling" in table
 
 
+def _pages_of(name: str) -> list[str]:
+    """The page ids the generator gave comic `name` of the prebuilt home, in reading order."""
+    index = TINY_NAMES.index(name)
+    return corpus.generate_comic(corpus.SIZES["tiny"], index, name).page_ids
+
+
 def test_contextualized_embeddings_are_stamped_with_the_champion(trained_pipeline):
     url = trained_pipeline.resources["storage"].contextualized_url()
     contextualized = ContextualizedStore.open(url)
@@ -116,6 +134,28 @@ def test_contextualized_embeddings_are_stamped_with_the_champion(trained_pipelin
     comic = contextualized.read(trained_pipeline.comic_ids[0])
     assert not np.any(comic.panel_embeddings[~comic.panel_mask])  # padded slots are zero
     assert comic.strip_embeddings.shape[0] == comic.panel_mask.shape[0]
+
+
+def test_the_output_keeps_names_groups_pages_per_comic_and_in_natural_order(trained_pipeline):
+    output = ContextualizedStore.open(trained_pipeline.resources["storage"].contextualized_url())
+    keys = {comic_key(name): name for name in TINY_NAMES}
+    assert output.comic_names() == keys
+    matrix, table = PageSearch(output).strip_matrix()
+    for key, name in keys.items():
+        comic = output.read(key)
+        pages = _pages_of(name)  # "<name>/page_1.jpg", ... "page_10.jpg" last, not second
+        assert comic.attrs["comic_name"] == name and comic.page_ids == pages, key
+        assert comic.strip_embeddings.shape[0] == comic.panel_mask.shape[0] == len(pages)
+        rows = table[table["comic_id"] == key]  # one comic's pages: together, in reading order
+        assert rows.index.tolist() == list(range(rows.index[0], rows.index[0] + len(pages)))
+        assert rows["page_id"].tolist() == pages and set(rows["comic_name"]) == {name}
+    assert any(page.endswith("/page_10.jpg") for page in table["page_id"])
+    # Stage 5 finds a page by the comic's original name, and every hit carries its comic's name
+    tintin = "Tintin - L'Île noire"
+    hits = PageSearch(output).nearest_pages((tintin, 1), k=len(_pages_of(tintin)) + 5)
+    assert all(keys[key] == name for key, name in zip(hits["comic_id"], hits["comic_name"]))
+    assert (tintin, f"{tintin}/page_2.jpg") not in set(zip(hits["comic_name"], hits["page_id"]))
+    assert len(matrix) == len(table) == sum(len(_pages_of(name)) for name in TINY_NAMES)
 
 
 def test_new_splits_do_not_change_what_the_existing_model_is_evaluated_on(trained_pipeline):
@@ -278,8 +318,10 @@ def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pi
     pipeline = trained_pipeline
     changed, bad = pipeline.comic_ids[:2]
     groups = zarr.open_group(pipeline.resources["stage3"].store_url(), mode="r+")
+    folders = {key: pipeline.resources["stage3"].open().name_of(key) for key in (changed, bad)}
+    assert all(is_group_name(folder) for folder in folders.values())  # written under their names
     # Stage 3 rewrites one comic with valid but different content: what was made from it is stale
-    array = groups[f"comics/{changed}/panel_embeddings"]
+    array = groups[f"comics/{folders[changed]}/panel_embeddings"]
     array[0, 0] = array[0, 0] + 1.0
     retrain = pipeline.materialize(["sequence_model"], run_config=training_run_config(epochs=1),
                                    raise_on_error=False)
@@ -288,7 +330,7 @@ def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pi
     assert f"(key {changed!r}): pinned" in error and "changed since it was pinned" in error, error[:800]
 
     # another comic breaks and its re-validation quarantines it
-    groups[f"comics/{bad}/panel_embeddings"][0, 0, 0] = np.nan
+    groups[f"comics/{folders[bad]}/panel_embeddings"][0, 0, 0] = np.nan
     pipeline.materialize(["stage3_panel_embeddings"], tags={"dagster/partition": bad}, raise_on_error=False)
     assert set(Quarantine(str(pipeline.home)).records()) == {bad}
 
@@ -314,7 +356,7 @@ def _embed_range(instance_ref, home: str, comics: list[str]) -> bool:
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         result = dg.materialize(
             graph_definitions(defs()), selection=["contextualized_embeddings"], instance=instance,
-            resources=build_resources(PipelineStorage(home=home)), raise_on_error=False,
+            resources=home_resources(home), raise_on_error=False,
             tags={"dagster/asset_partition_range_start": comics[0],
                   "dagster/asset_partition_range_end": comics[-1]},
         )
