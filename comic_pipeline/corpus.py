@@ -230,15 +230,20 @@ def comic_id_of(comic_index: int) -> str:
     return f"demo-{comic_index:04d}"
 
 
-def generate_comic(config: CorpusConfig, comic_index: int) -> GeneratedComic:
-    """Comic `comic_index` of the corpus, seeded by (config.seed, comic_index) alone."""
+def generate_comic(config: CorpusConfig, comic_index: int, name: str | None = None) -> GeneratedComic:
+    """Comic `comic_index` of the corpus, seeded by (config.seed, comic_index) alone.
+
+    `name` (opt-in) calls it what a collection would ("Tintin - L'Île noire"): its pages are then
+    canonical ids "<name>/page_<n>.jpg" from 1, as Stage 3 writes them (page_2 before page_10 in
+    reading order); the content is the same as unnamed.
+    """
     if comic_index < 0:
         raise ValueError(f"comic_index={comic_index} must be >= 0")
     enc = _encoders(config.seed, config.dim, config.cast_dim, config.action_dim)
     rng = np.random.default_rng([config.seed, _COMIC_STREAM, comic_index])
     P, B, D = config.max_panels, max(config.max_boxes, 1), config.dim
     Dc, Da, V = config.cast_dim, config.action_dim, config.max_visible
-    comic_id = comic_id_of(comic_index)
+    comic_id = comic_id_of(comic_index) if name is None else name
     title = f"{rng.choice(_TITLE_WORDS[0])} {rng.choice(_TITLE_WORDS[1])} #{comic_index + 1}"
 
     # --- page layout -------------------------------------------------------------------------
@@ -314,13 +319,19 @@ def generate_comic(config: CorpusConfig, comic_index: int) -> GeneratedComic:
     if "text" in config.modalities:
         arrays["text"] = text[:, :, : config.max_boxes].astype(np.float32)
         arrays["text_mask"] = text_mask[:, :, : config.max_boxes].copy()
-    page_ids = [f"{comic_id}-p{page:03d}" for page in range(n_pages)]
+    if name is None:
+        page_ids = [f"{comic_id}-p{page:03d}" for page in range(n_pages)]
+    else:
+        page_ids = [f"{name}/page_{page}.jpg" for page in range(1, n_pages + 1)]
     return GeneratedComic(comic_id=comic_id, title=title, page_ids=page_ids, arrays=arrays)
 
 
-def iter_comics(config: CorpusConfig) -> Iterator[GeneratedComic]:
+def iter_comics(config: CorpusConfig, names: Sequence[str] | None = None) -> Iterator[GeneratedComic]:
+    """Every comic of the corpus; `names` (one per comic) names them (see generate_comic)."""
+    if names is not None and len(names) != config.n_comics:
+        raise ValueError(f"{len(names)} names for a corpus of {config.n_comics} comics: give one per comic")
     for comic_index in range(config.n_comics):
-        yield generate_comic(config, comic_index)
+        yield generate_comic(config, comic_index, None if names is None else names[comic_index])
 
 
 def features_of(comics: Sequence[GeneratedComic]) -> PageFeatures:
@@ -350,19 +361,36 @@ def corpus_features(config: CorpusConfig) -> PageFeatures:
     return features_of(list(iter_comics(config)))
 
 
-def write_demo_store(url: str, config: CorpusConfig) -> list[str]:
-    """Write the corpus as a native Stage 3 store at `url` (replacing it); returns the comic ids."""
-    from comic_pipeline import store  # the store module needs zarr; the generator does not
+def write_demo_store(url: str, config: CorpusConfig, *, names: Sequence[str] | None = None,
+                     layout: str = "native", metadata_url: str | None = None) -> list[str]:
+    """Write the corpus as a Stage 3 store at `url` (replacing it); returns the comics' partition
+    keys (comic_names.comic_key of each name; the demo ids are their own keys).
 
+    Opt-in, for trying the pipeline on a store shaped like a real one: `names` (one per comic, see
+    generate_comic) and layout="legacy", the layout of the original Stage 3 scripts, whose row list
+    goes to `metadata_url` (stage3_legacy.write_legacy_store: shuffled rows, junk in padded slots).
+    The legacy layout holds the fused embedding only: the other modalities are not written.
+    """
+    from comic_pipeline import stage3_legacy, store  # these need zarr; the generator does not
+    from comic_pipeline.comic_names import comic_key
+
+    if layout == "legacy":
+        if metadata_url is None:
+            raise ValueError("layout='legacy' needs metadata_url: where the JSON row list goes")
+        comics = list(iter_comics(config, names))
+        stage3_legacy.write_legacy_store(
+            url, metadata_url,
+            [(c.page_ids, c.arrays["panel_embeddings"], c.arrays["panel_mask"]) for c in comics],
+            seed=config.seed)
+        return [comic_key(c.comic_id) for c in comics]
+    if layout != "native":
+        raise ValueError(f"layout={layout!r}: expected 'native' or 'legacy'")
     store.create_native_store(url, dim=config.dim, max_panels=config.max_panels,
                               max_boxes=config.max_boxes if "text" in config.modalities else 0,
                               overwrite=True)
-    comic_ids = []
-    for comic in iter_comics(config):
-        store.write_native_comic(url, comic.comic_id, page_ids=comic.page_ids, title=comic.title,
-                                 arrays=comic.arrays)
-        comic_ids.append(comic.comic_id)
-    return comic_ids
+    return [store.write_native_comic(url, comic.comic_id, page_ids=comic.page_ids, title=comic.title,
+                                     arrays=comic.arrays)
+            for comic in iter_comics(config, names)]
 
 
 def with_modalities(config: CorpusConfig, modalities: Sequence[str]) -> CorpusConfig:

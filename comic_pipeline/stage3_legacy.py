@@ -1,4 +1,5 @@
-"""The legacy Stage 3 layout (read only): what the original Stage 3 scripts write.
+"""The legacy Stage 3 layout: what the original Stage 3 scripts write. The pipeline only reads it;
+write_legacy_store writes one the way those scripts do, for the demo corpus and the tests.
 
 A flat Zarr (v2) group with ``panel_embeddings (N_pages, P, D)`` and ``panel_masks (N_pages, P)``
 plus a JSON list of ``{"sequence_index", "canonical_id", "num_panels", ...}`` per row. The comic is
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import zarr
@@ -26,6 +27,7 @@ from comic_pipeline.stage3_checks import Stage3StoreError, comic_error
 
 LEGACY_EMBEDDINGS = "panel_embeddings"
 LEGACY_MASKS = "panel_masks"
+LEGACY_JUNK = 77.0  # what write_legacy_store leaves in padded slots (about, plus noise): never read
 
 
 def natural_key(name: str) -> tuple:
@@ -177,3 +179,37 @@ class LegacyArrays:
                               f"first {page_ids[page]!r} (row {self._rows[page]}): the mask marks "
                               f"{int(mask[page].sum())} panels, the metadata says "
                               f"num_panels={self._num_panels[page]}")
+
+
+def write_legacy_store(url: str, metadata_url: str,
+                       comics: Iterable[tuple[Sequence[str], np.ndarray, np.ndarray]], *,
+                       seed: int = 0, extra_rows: int = 0, chunk_rows: int = 16) -> dict[str, int]:
+    """Write a legacy store as the original Stage 3 scripts leave one (replacing `url`).
+
+    `comics`: (canonical page ids in reading order, panel_embeddings (pages, P, D), panel_mask
+    (pages, P) prefix) per comic; the comic is the folder of its canonical ids. As in real stores,
+    rows are shuffled across comics, padded slots and `extra_rows` rows that no record names hold
+    junk, and the JSON records are shuffled too. Returns {canonical id: row}.
+    """
+    pages = [(page_id, fused, mask) for page_ids, embeddings, masks in comics
+             for page_id, fused, mask in zip(page_ids, embeddings, masks, strict=True)]
+    if not pages:
+        raise ValueError(f"legacy store {url!r}: no pages to write")
+    slots, dim = pages[0][1].shape
+    rng = np.random.default_rng(seed)
+    n_rows = len(pages) + extra_rows
+    embeddings = (LEGACY_JUNK + rng.normal(size=(n_rows, slots, dim))).astype(np.float32)
+    masks = np.zeros((n_rows, slots), np.uint8)
+    rows = rng.permutation(n_rows)[: len(pages)]  # reading order != row order
+    records = []
+    for (page_id, fused, mask), row in zip(pages, rows):
+        mask = np.asarray(mask, bool)
+        embeddings[row][mask] = np.asarray(fused)[mask]
+        masks[row] = mask
+        records.append({"sequence_index": int(row), "canonical_id": page_id, "num_panels": int(mask.sum())})
+    root = zarr.open_group(url, mode="w", zarr_format=2)
+    root.create_array(LEGACY_EMBEDDINGS, data=embeddings, chunks=(chunk_rows, slots, dim))
+    root.create_array(LEGACY_MASKS, data=masks, chunks=(chunk_rows, slots))
+    shuffled = [records[i] for i in rng.permutation(len(records))]
+    fileio.atomic_write_bytes(metadata_url, json.dumps(shuffled).encode())
+    return {record["canonical_id"]: record["sequence_index"] for record in records}

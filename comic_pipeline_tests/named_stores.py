@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
-import zarr
 
 from comic_pipeline import store
 from comic_pipeline.comic_names import comic_key
+from comic_pipeline.stage3_legacy import LEGACY_JUNK, write_legacy_store
 
 # Spaces, #, parentheses, apostrophes, commas, &, non-ASCII, "/" (legacy folders), 200+ chars, and
 # names that differ only in case or punctuation.
@@ -36,7 +35,18 @@ COMIC_NAMES = [
     "X-Men 001",
     "Y̆ & Z",
 ]
-PADDING_JUNK = 77.0
+# Further names shaped like a collection's, for stores of more than 20 comics.
+_SERIES = ("Detective Comics", "Le Journal de Spirou", "Whiz Comics", "Mickey Mouse Weekly",
+           "Sandman Vol. 2", "Les Schtroumpfs")
+
+
+def collection_names(n: int) -> list[str]:
+    """`n` names as a collection has them: COMIC_NAMES, then "<series> (<year>) #<issue>"."""
+    more = [f"{_SERIES[i % len(_SERIES)]} ({1938 + i}) #{i:03d}" for i in range(max(n - len(COMIC_NAMES), 0))]
+    return (COMIC_NAMES + more)[:n]
+
+
+PADDING_JUNK = LEGACY_JUNK  # the native store's padded slots get the same junk
 
 
 @dataclass
@@ -67,31 +77,16 @@ def _comic(rng, name: str, max_panels: int, dim: int):
 
 
 def legacy_named_store(tmp_path, *, names=COMIC_NAMES, max_panels=6, dim=16, seed=0) -> NamedStore:
-    """The layout of the original Stage 3 scripts: flat arrays, rows shuffled across comics, junk
-    in padded slots, a JSON list of records in shuffled order."""
+    """The layout of the original Stage 3 scripts (stage3_legacy.write_legacy_store): flat arrays,
+    rows shuffled across comics, junk in padded slots and in a few rows no record names."""
     rng = np.random.default_rng(seed)
     named = NamedStore(str(tmp_path / f"legacy-named-{seed}.zarr"), str(tmp_path / f"legacy-named-{seed}.json"))
+    comics = []
     for name in names:
-        page_ids, panels, _, fused = _comic(rng, name, max_panels, dim)
+        page_ids, panels, mask, fused = _comic(rng, name, max_panels, dim)
         named.pages[name], named.panels[name], named.fused[name] = page_ids, panels, fused
-    n_rows = sum(len(p) for p in named.pages.values()) + 5  # a few rows belong to nobody
-    rows = iter(rng.permutation(n_rows))
-    embeddings = rng.normal(size=(n_rows, max_panels, dim)).astype(np.float32) + PADDING_JUNK
-    masks = np.zeros((n_rows, max_panels), np.uint8)
-    records = []
-    for name in names:
-        for page, page_id in enumerate(named.pages[name]):
-            row = int(next(rows))
-            valid = np.arange(max_panels) < named.panels[name][page]
-            embeddings[row][valid] = named.fused[name][page][valid]
-            masks[row] = valid
-            records.append({"sequence_index": row, "canonical_id": page_id,
-                            "num_panels": int(named.panels[name][page]), "width": 1000})
-    root = zarr.open_group(named.url, mode="w", zarr_format=2)
-    root.create_array("panel_embeddings", data=embeddings, chunks=(16, max_panels, dim))
-    root.create_array("panel_masks", data=masks, chunks=(16, max_panels))
-    with open(named.metadata_url, "w") as handle:
-        json.dump([records[i] for i in rng.permutation(len(records))], handle)
+        comics.append((page_ids, fused, mask))
+    write_legacy_store(named.url, named.metadata_url, comics, seed=seed, extra_rows=5)
     return named
 
 

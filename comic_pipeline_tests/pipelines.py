@@ -1,9 +1,13 @@
 """The pipeline on a home of its own, for tests of the Dagster layer and the prod profile.
 
 `build_trained_home` runs store -> validation -> splits -> tasks -> training -> evaluation ->
-champion -> embeddings on the tiny corpus; the session fixture `prebuilt_home` (conftest.py) builds
-it once and tests work on copies (`copy_home`). Its finished training checkpoint also lets other
-homes with the same data, config and code resume instead of training again.
+champion -> embeddings on the tiny corpus as a real Stage 3 store holds it (`write_named_tiny_store`:
+the legacy layout of the original Stage 3 scripts, fused embeddings only, comics with real-looking
+names; a configured store inside the home). Every test of the prebuilt home thus sees names that
+are not their own partition keys, and the four tasks a fused-only store cannot feed skipped. The
+session fixture `prebuilt_home` (conftest.py) builds it once and tests work on copies (`copy_home`).
+Its finished training checkpoint also lets other homes with the same data, config and code resume
+instead of training again.
 """
 
 from __future__ import annotations
@@ -19,17 +23,28 @@ from typing import Iterator
 
 import dagster as dg
 
-from comic_pipeline import home
+from comic_pipeline import corpus, home
 from comic_pipeline.definitions import defs
 from comic_pipeline.defs.keys import comics_partitions
-from comic_pipeline.defs.resources import PipelineStorage, RefIOManager, build_resources
+from comic_pipeline.defs.resources import PipelineStorage, RefIOManager, Stage3StoreResource, build_resources
 from comic_pipeline.demo import graph_definitions
 from comic_pipeline.tracking import Tracking
+from comic_pipeline_tests.named_stores import collection_names
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 TINY_COMICS = 48  # corpus.SIZES["tiny"]
 DAGSTER_FOLDER = "dagster"  # the instance, inside the home (so a copy of the home copies it)
+NAMED_STORE = "stage3_named.zarr"  # a home's own Stage 3 store, inside it (so a copy carries it)
+NAMED_ROWS = "stage3_named.json"  # ... and its legacy row list
+TINY_NAMES = collection_names(TINY_COMICS)  # what the prebuilt home's comics are called
+# The tasks a fused-only (legacy) store cannot feed, and the reason each is skipped with.
+FUSED_ONLY_SKIPS = {
+    "text_closure": "needs text; the store has fused",
+    "caption_relevance": "needs caption+fused; the store has fused",
+    "character_coherence": "needs text; the store has fused",
+    "text_cloze": "needs text; the store has fused",
+}
 
 # Small but honest: trains for real, long enough that every gate can pass on the tiny corpus.
 TINY_TRAINING = {"preset": "tiny", "epochs": 15, "warmup_steps": 20, "log_every": 100}
@@ -94,18 +109,41 @@ class Pipeline:
         return io_manager.stored(dg.AssetKey.from_coercible(key))
 
 
+def write_named_tiny_store(url: str, metadata_url: str) -> list[str]:
+    """The tiny corpus in the legacy layout (shuffled rows, junk in padded slots, fused only),
+    its comics called TINY_NAMES; returns their keys. What the prebuilt home trains on: a home that
+    writes it too has the same data fingerprint."""
+    return corpus.write_demo_store(url, corpus.SIZES["tiny"], names=TINY_NAMES, layout="legacy",
+                                   metadata_url=metadata_url)
+
+
+def home_resources(root: Path | str, stage3_url: str | None = None,
+                   metadata_url: str | None = None) -> dict:
+    """The resources of the home at `root`. Its Stage 3 store: `stage3_url` (+ `metadata_url` for
+    the legacy layout), else the home's own NAMED_STORE when it has one, else the demo store."""
+    storage = PipelineStorage(home=str(root))
+    resources = build_resources(storage)
+    if stage3_url is None and (Path(root) / NAMED_STORE).exists():
+        stage3_url, metadata_url = str(Path(root) / NAMED_STORE), str(Path(root) / NAMED_ROWS)
+    if stage3_url is not None:
+        resources["stage3"] = Stage3StoreResource(storage=storage, url=stage3_url, metadata_url=metadata_url)
+    return resources
+
+
 @contextmanager
-def open_pipeline(root: Path) -> Iterator[Pipeline]:
-    """The pipeline of the home at `root`, with its own Dagster instance inside the home."""
+def open_pipeline(root: Path, **stage3) -> Iterator[Pipeline]:
+    """The pipeline of the home at `root`, with its own Dagster instance inside the home;
+    `stage3`: home_resources' stage3_url and metadata_url."""
     (root / DAGSTER_FOLDER).mkdir(parents=True, exist_ok=True)
     with dg.instance_for_test(temp_dir=str(root / DAGSTER_FOLDER)) as instance:
-        resources = build_resources(PipelineStorage(home=str(root)))
+        resources = home_resources(root, **stage3)
         comic_ids = resources["stage3"].open().comic_ids() if resources["stage3"].exists() else []
         yield Pipeline(root, instance, resources, comic_ids)
 
 
 def start_pipeline(pipeline: Pipeline, n_comics: int = TINY_COMICS) -> Pipeline:
-    """Write the tiny demo store and register its comics as partitions."""
+    """Materialize stage3_store (on a home without a Stage 3 store of its own: the tiny demo store
+    of `n_comics`; else it describes that store) and register its comics as partitions."""
     pipeline.materialize(
         ["stage3_store"], run_config={"ops": {"stage3_store": {"config": {"size": "tiny", "n_comics": n_comics}}}}
     )
@@ -118,14 +156,13 @@ def training_run_config(**overrides) -> dict:
     return {"ops": {"sequence_model": {"config": {**TINY_TRAINING, **overrides}}}}
 
 
-
-
 CHECKPOINT = ("checkpoints", "sequence_model", "checkpoint.pt")  # where sequence_model keeps it
 
 
 def build_trained_home(root: Path, migrated_mlflow_db: Path) -> Path:
     """Store -> validation -> splits -> tasks -> training -> evaluation -> champion -> embeddings."""
     make_home(root, migrated_mlflow_db)
+    write_named_tiny_store(str(root / NAMED_STORE), str(root / NAMED_ROWS))
     with open_pipeline(root) as pipeline:
         start_pipeline(pipeline)
         pipeline.materialize_all_comics(["stage3_panel_embeddings"])

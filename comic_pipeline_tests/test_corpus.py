@@ -1,6 +1,7 @@
 """The demo corpus generator: seeding, the store contract, and the structure it must carry."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -162,6 +163,53 @@ def test_write_demo_store_round_trips(tmp_path):
     # writing again replaces the store rather than failing or appending
     assert corpus.write_demo_store(url, dataclasses.replace(config, n_comics=2)) == ids[:2]
     assert store.Stage3Store.open(url).comic_ids() == ids[:2]
+
+
+@pytest.mark.parametrize("layout", ["native", "legacy"])
+def test_a_named_demo_store_holds_the_same_comics_in_either_layout(tmp_path, layout):
+    store = pytest.importorskip("comic_pipeline.store")
+    import zarr
+
+    from comic_pipeline.comic_names import comic_key
+    from comic_pipeline.stage3_legacy import LEGACY_JUNK
+    from comic_pipeline_tests.named_stores import COMIC_NAMES
+
+    names = COMIC_NAMES[:6]  # comic 5 has 10 pages: page_2 must come before page_10
+    config = dataclasses.replace(TINY, n_comics=len(names))
+    url, rows = str(tmp_path / f"{layout}.zarr"), str(tmp_path / "rows.json")
+    metadata_url = rows if layout == "legacy" else None
+    keys = corpus.write_demo_store(url, config, names=names, layout=layout, metadata_url=metadata_url)
+    assert keys == [comic_key(name) for name in names]
+    opened = store.Stage3Store.open(url, metadata_url)
+    assert opened.layout == layout and opened.quarantined() == {}
+    assert opened.names() == dict(zip(keys, names))
+    assert opened.modalities() == ({"fused"} if layout == "legacy" else frozenset(MODALITY_ARRAYS))
+    for index, (key, name) in enumerate(zip(keys, names)):
+        unnamed = corpus.generate_comic(config, index)  # a name changes no content
+        comic = opened.comic(key)
+        assert comic.page_ids == [f"{name}/page_{n}.jpg" for n in range(1, len(unnamed.page_ids) + 1)]
+        np.testing.assert_array_equal(comic.read("fused"), unnamed.arrays["panel_embeddings"])
+        np.testing.assert_array_equal(comic.panel_mask(), unnamed.arrays["panel_mask"])
+    assert len(opened.comic(keys[5]).page_ids) == 10
+    if layout == "legacy":  # what the original scripts leave: junk in padded slots, shuffled rows
+        raw = zarr.open_group(url, mode="r")
+        masks, values = raw["panel_masks"][...] != 0, raw["panel_embeddings"][...]
+        assert (values[~masks] > LEGACY_JUNK - 10).all()
+        with open(rows) as handle:
+            row_of = {r["canonical_id"]: r["sequence_index"] for r in json.load(handle)}
+        reading = [row_of[page_id] for page_id in opened.comic(keys[0]).page_ids]
+        assert reading != sorted(reading)
+
+
+def test_named_and_legacy_demo_stores_refuse_what_they_cannot_write(tmp_path):
+    config = dataclasses.replace(TINY, n_comics=2)
+    url = str(tmp_path / "x.zarr")
+    with pytest.raises(ValueError, match=r"^1 names for a corpus of 2 comics: give one per comic$"):
+        corpus.write_demo_store(url, config, names=["only one"])
+    with pytest.raises(ValueError, match=r"^layout='legacy' needs metadata_url: where the JSON row list goes$"):
+        corpus.write_demo_store(url, config, layout="legacy")
+    with pytest.raises(ValueError, match=r"^layout='flat': expected 'native' or 'legacy'$"):
+        corpus.write_demo_store(url, config, layout="flat")
 
 
 def test_an_opt_in_slot_signature_plants_a_positional_trace():

@@ -16,8 +16,9 @@ from typing import Iterator
 import pytest
 
 from comic_pipeline_tests.pipelines import (  # noqa: F401 - the names these tests import from here
-    DAGSTER_FOLDER, RANGE_END, RANGE_START, TINY_COMICS, TINY_TRAINING, TRAINING_GRAPH, Pipeline,
-    copy_home, make_home, open_pipeline, start_pipeline, training_run_config,
+    DAGSTER_FOLDER, FUSED_ONLY_SKIPS, RANGE_END, RANGE_START, TINY_COMICS, TINY_NAMES, TINY_TRAINING,
+    TRAINING_GRAPH, Pipeline, copy_home, home_resources, make_home, open_pipeline, start_pipeline,
+    training_run_config,
 )
 
 

@@ -7,6 +7,7 @@ through materialization metadata and check results.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import dagster as dg
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from comic_pipeline import corpus, schema, store, tasks
+from comic_pipeline import corpus, schema, tasks
 from comic_pipeline.definitions import defs
 from comic_pipeline.defs.automation import new_comics_sensor
 from comic_pipeline.defs.embeddings import embeddings_made_by_champion
@@ -23,7 +24,7 @@ from comic_pipeline.defs.keys import (
 )
 from comic_pipeline.defs.refs import EvaluationReport, ModelRef, SplitsRef, TaskDatasetRef
 from comic_pipeline.defs.report import materialization_metadata, summary_table
-from comic_pipeline.defs.resources import MLflowTracking, PipelineStorage, build_resources
+from comic_pipeline.defs.resources import MLflowTracking
 from comic_pipeline.demo import graph_definitions
 from comic_pipeline.comic_names import comic_key
 from comic_pipeline.embedding_store import ContextualizedStore
@@ -32,15 +33,29 @@ from comic_pipeline.quarantine import Quarantine
 
 from comic_pipeline_tests.pipelines import run_at_once
 
-from .conftest import RANGE_END, RANGE_START, TINY_COMICS, TRAINING_GRAPH, start_pipeline, training_run_config
+from .conftest import (
+    FUSED_ONLY_SKIPS, RANGE_END, RANGE_START, TINY_COMICS, TINY_NAMES, TRAINING_GRAPH, home_resources,
+    start_pipeline, training_run_config,
+)
 
 
-def test_demo_store_and_validation_partitions(trained_pipeline):
+def test_named_store_partitions_and_validation(trained_pipeline):
+    """The prebuilt home's store is a legacy one whose comics are named as a collection names
+    them (TINY_NAMES): each is a partition under comic_key(name), validated with its name in its
+    own metadata."""
     instance = trained_pipeline.instance
     described = materialization_metadata(instance, dg.AssetKey("stage3_store"))
-    assert described["comics"] == TINY_COMICS and described["demo"] is True and described["layout"] == "native"
+    assert described["comics"] == TINY_COMICS and described["demo"] is False and described["layout"] == "legacy"
+    assert described["modalities"] == "fused"
+    assert described["quarantined_comics"] == "none"
+    keys = {comic_key(name): name for name in TINY_NAMES}
+    assert len(keys) == TINY_COMICS and sum(key != name for key, name in keys.items()) >= 20
+    assert sorted(instance.get_dynamic_partitions("comics")) == sorted(keys) == trained_pipeline.comic_ids
     validated = instance.get_materialized_partitions(dg.AssetKey("stage3_panel_embeddings"))
-    assert validated == set(trained_pipeline.comic_ids)
+    assert validated == set(keys)
+    for key, name in keys.items():
+        metadata = materialization_metadata_of_partition(instance, key)
+        assert metadata["comic"] == name and metadata["pages"] == len(_pages_of(name)), key
 
 
 def test_splits_and_task_datasets_travel_as_refs(trained_pipeline):
@@ -50,8 +65,12 @@ def test_splits_and_task_datasets_travel_as_refs(trained_pipeline):
     storage = trained_pipeline.resources["storage"]
     for name, key in TASK_KEYS.items():
         ref = trained_pipeline.stored(key)
-        assert isinstance(ref, TaskDatasetRef) and ref.skipped is None, (name, ref)
-        assert ref.splits_fingerprint == splits.fingerprint
+        assert isinstance(ref, TaskDatasetRef) and ref.splits_fingerprint == splits.fingerprint
+        if name in FUSED_ONLY_SKIPS:  # the legacy store holds no text, visual or caption
+            assert ref.skipped == FUSED_ONLY_SKIPS[name] and ref.path is None, (name, ref)
+            assert materialization_metadata(trained_pipeline.instance, key)["skipped"] == ref.skipped
+            continue
+        assert ref.skipped is None, (name, ref)
         dataset = schema.load_task_dataset(storage.path(ref.path))
         assert dataset.task == name and dataset.fingerprint() == ref.fingerprint
         assert dataset.n_samples("train") > 0 and dataset.n_samples("test") > 0, name
@@ -90,13 +109,18 @@ def test_evaluation_report_gates_and_champion(trained_pipeline):
         assert task == report.tasks[name]
         assert task.model_version == model.version
         assert task.dataset_fingerprint == model.datasets[name].fingerprint
-        m = materialization_metadata(instance, key)
-        assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
-        assert m["accuracy"] == pytest.approx(task.metrics["accuracy"], abs=1e-4)
-        assert f"test_{name}_accuracy" in run_metrics
         checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(key, "beats_chance"), dg.AssetCheckKey(key, "beats_shortcuts")])
         assert {c.status.value for c in checks.values()} == {"SUCCEEDED"}, name
+        m = materialization_metadata(instance, key)
+        if name in FUSED_ONLY_SKIPS:  # reported with its reason; its gates pass, saying why
+            assert task.skipped == m["skipped"] == FUSED_ONLY_SKIPS[name]
+            assert f"| {name} | – | skipped | – | – | – | {FUSED_ONLY_SKIPS[name]} |" in \
+                materialization_metadata(instance, EVALUATION_SUMMARY)["summary"]
+            continue
+        assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
+        assert m["accuracy"] == pytest.approx(task.metrics["accuracy"], abs=1e-4)
+        assert f"test_{name}_accuracy" in run_metrics
     assert {"kendall_tau", "pairwise_accuracy", "exact_match"} <= set(report.tasks["reading_order"].metrics)
     summary = materialization_metadata(instance, EVALUATION_SUMMARY)
     assert "| sequence_filling |" in summary["summary"] and "data:image/png;base64," in summary["summary"]
@@ -109,6 +133,12 @@ def test_evaluation_report_gates_and_champion(trained_pipeline):
     assert f"champion: {model.version}" in table and "sequence_filling" in table
 
 
+def _pages_of(name: str) -> list[str]:
+    """The page ids the generator gave comic `name` of the prebuilt home, in reading order."""
+    index = TINY_NAMES.index(name)
+    return corpus.generate_comic(corpus.SIZES["tiny"], index, name).page_ids
+
+
 def test_contextualized_embeddings_are_stamped_with_the_champion(trained_pipeline):
     url = trained_pipeline.resources["storage"].contextualized_url()
     contextualized = ContextualizedStore.open(url)
@@ -117,6 +147,28 @@ def test_contextualized_embeddings_are_stamped_with_the_champion(trained_pipelin
     comic = contextualized.read(trained_pipeline.comic_ids[0])
     assert not np.any(comic.panel_embeddings[~comic.panel_mask])  # padded slots are zero
     assert comic.strip_embeddings.shape[0] == comic.panel_mask.shape[0]
+
+
+def test_the_output_keeps_names_groups_pages_per_comic_and_in_natural_order(trained_pipeline):
+    output = ContextualizedStore.open(trained_pipeline.resources["storage"].contextualized_url())
+    keys = {comic_key(name): name for name in TINY_NAMES}
+    assert output.comic_names() == keys
+    matrix, table = PageSearch(output).strip_matrix()
+    for key, name in keys.items():  # the legacy store's rows were shuffled across comics
+        comic = output.read(key)
+        pages = _pages_of(name)  # "<name>/page_1.jpg", ... "page_10.jpg" last, not second
+        assert comic.attrs["comic_name"] == name and comic.page_ids == pages, key
+        assert comic.strip_embeddings.shape[0] == comic.panel_mask.shape[0] == len(pages)
+        rows = table[table["comic_id"] == key]  # one comic's pages: together, in reading order
+        assert rows.index.tolist() == list(range(rows.index[0], rows.index[0] + len(pages)))
+        assert rows["page_id"].tolist() == pages and set(rows["comic_name"]) == {name}
+    assert any(page.endswith("/page_10.jpg") for page in table["page_id"])
+    # Stage 5 finds a page by the comic's original name, and every hit carries its comic's name
+    tintin = "Tintin - L'Île noire"
+    hits = PageSearch(output).nearest_pages((tintin, 1), k=len(_pages_of(tintin)) + 5)
+    assert all(keys[key] == name for key, name in zip(hits["comic_id"], hits["comic_name"]))
+    assert (tintin, f"{tintin}/page_2.jpg") not in set(zip(hits["comic_name"], hits["page_id"]))
+    assert len(matrix) == len(table) == sum(len(_pages_of(name)) for name in TINY_NAMES)
 
 
 def test_new_splits_do_not_change_what_the_existing_model_is_evaluated_on(trained_pipeline):
@@ -131,13 +183,16 @@ def test_new_splits_do_not_change_what_the_existing_model_is_evaluated_on(traine
                                 run_config=fractions).success
     splits_after = pipeline.stored(COMIC_SPLITS)
     assert splits_after.fingerprint != splits_before.fingerprint
-    new_tasks = {name: pipeline.stored(key) for name, key in TASK_KEYS.items()}
-    assert all(new_tasks[n].fingerprint != model.datasets[n].fingerprint for n in TASK_KEYS)
+    generated = [name for name in TASK_KEYS if name not in FUSED_ONLY_SKIPS]
+    new_tasks = {name: pipeline.stored(TASK_KEYS[name]) for name in generated}
+    assert all(new_tasks[n].fingerprint != model.datasets[n].fingerprint for n in generated)
 
     assert pipeline.materialize(dg.AssetSelection.groups("evaluation")).success
     after = pipeline.stored(EVALUATION_SUMMARY)
     assert after.model == model
-    for name, report in after.tasks.items():
+    assert {name for name, report in after.tasks.items() if report.skipped} == set(FUSED_ONLY_SKIPS)
+    for name in generated:
+        report = after.tasks[name]
         assert report.dataset_fingerprint == model.datasets[name].fingerprint, name
         assert report.metrics["n_samples"] == before.tasks[name].metrics["n_samples"], name
         assert report.metrics["accuracy"] == pytest.approx(before.tasks[name].metrics["accuracy"], abs=1e-6)
@@ -287,10 +342,10 @@ def test_retraining_on_unchanged_data_code_and_config_registers_no_new_version(t
 def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pipeline):
     pipeline = trained_pipeline
     changed, bad = pipeline.comic_ids[:2]
-    groups = zarr.open_group(pipeline.resources["stage3"].store_url(), mode="r+")
+    embeddings = zarr.open_group(pipeline.resources["stage3"].store_url(), mode="r+")["panel_embeddings"]
     # Stage 3 rewrites one comic with valid but different content: what was made from it is stale
-    array = groups[f"comics/{changed}/panel_embeddings"]
-    array[0, 0] = array[0, 0] + 1.0
+    row = _first_row(pipeline, changed)
+    embeddings[row, 0] = embeddings[row, 0] + 1.0
     retrain = pipeline.materialize(["sequence_model"], run_config=training_run_config(epochs=1),
                                    raise_on_error=False)
     assert not retrain.success
@@ -298,7 +353,7 @@ def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pi
     assert f"(key {changed!r}): pinned" in error and "changed since it was pinned" in error, error[:800]
 
     # another comic breaks and its re-validation quarantines it
-    groups[f"comics/{bad}/panel_embeddings"][0, 0, 0] = np.nan
+    embeddings[_first_row(pipeline, bad), 0, 0] = np.nan
     pipeline.materialize(["stage3_panel_embeddings"], tags={"dagster/partition": bad}, raise_on_error=False)
     assert set(Quarantine(str(pipeline.home)).records()) == {bad}
 
@@ -318,13 +373,21 @@ def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pi
     assert pipeline.materialize(["contextualized_embeddings"], tags={"dagster/partition": changed}).success
 
 
+def _first_row(pipeline, key: str) -> int:
+    """The legacy store's row that holds the first page of comic `key` (rows are shuffled)."""
+    stage3 = pipeline.resources["stage3"]
+    first_page = stage3.open().comic(key).page_ids[0]
+    with open(stage3.metadata_url) as handle:
+        return next(r["sequence_index"] for r in json.load(handle) if r["canonical_id"] == first_page)
+
+
 def _embed_range(instance_ref, home: str, comics: list[str]) -> bool:
     """One Dagster run in its own process, as a sensor run and a backfill run would be."""
     torch.set_num_threads(1)
     with dg.DagsterInstance.from_ref(instance_ref) as instance:
         result = dg.materialize(
             graph_definitions(defs()), selection=["contextualized_embeddings"], instance=instance,
-            resources=build_resources(PipelineStorage(home=home)), raise_on_error=False,
+            resources=home_resources(home), raise_on_error=False,
             tags={"dagster/asset_partition_range_start": comics[0],
                   "dagster/asset_partition_range_end": comics[-1]},
         )
@@ -350,11 +413,13 @@ def test_two_embedding_runs_over_different_comics_at_once_both_complete(trained_
 def test_a_comic_added_to_the_store_is_found_and_embedded(trained_pipeline):
     pipeline = trained_pipeline
     config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=TINY_COMICS + 1)
-    new = corpus.generate_comic(config, TINY_COMICS)  # the next comic of the same generator
     name = "Tintin - L'Île noire (1938) #2, Casterman & co/édition"  # as a real collection names it
+    new = corpus.generate_comic(config, TINY_COMICS, name)  # the next comic of the same generator
     key = comic_key(name)
-    store.write_native_comic(pipeline.resources["stage3"].store_url(), name,
-                             page_ids=new.page_ids, title=new.title, arrays=new.arrays)
+    # the original Stage 3 scripts write their flat store anew, one comic more (rows reshuffled)
+    stage3 = pipeline.resources["stage3"]
+    corpus.write_demo_store(stage3.store_url(), config, names=[*TINY_NAMES, name], layout="legacy",
+                            metadata_url=stage3.metadata_url)
     validation = _evaluate_sensor(pipeline.instance, pipeline.resources)
     (request,) = validation.run_requests
     assert request.partition_key == key != name

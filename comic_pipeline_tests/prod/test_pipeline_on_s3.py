@@ -21,7 +21,9 @@ from comic_pipeline.defs.resources import (
 )
 from comic_pipeline.embedding_store import ContextualizedStore
 from comic_pipeline.tracking import load_model_uri
-from comic_pipeline_tests.pipelines import CHECKPOINT, TINY_COMICS, TINY_TRAINING, run_at_once
+from comic_pipeline_tests.pipelines import (
+    CHECKPOINT, NAMED_ROWS, NAMED_STORE, TINY_TRAINING, run_at_once, write_named_tiny_store,
+)
 
 # the first test also sets up the trained home, three servers and the whole graph on S3: on two
 # cores shared with the browser lane that can pass 900 s (setup.cfg's default)
@@ -29,7 +31,6 @@ pytestmark = [pytest.mark.prod, pytest.mark.timeout(1800)]
 
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
-N_COMICS = TINY_COMICS  # the whole tiny corpus: fewer comics leave too few test samples for every gate
 
 
 def postgres_instance_overrides(services) -> dict:
@@ -41,7 +42,8 @@ def s3_resources(home_url: str, mlflow_uri: str) -> dict:
     return {
         "io_manager": RefIOManager(storage=storage),  # the refs on the edges land on S3 too
         "storage": storage,
-        "stage3": Stage3StoreResource(storage=storage),
+        "stage3": Stage3StoreResource(storage=storage, url=fileio.join(home_url, NAMED_STORE),
+                                      metadata_url=fileio.join(home_url, NAMED_ROWS)),
         "torch_device": TorchDevice(),
         "mlflow_tracking": MLflowTracking(storage=storage, tracking_uri=mlflow_uri,
                                           experiment_name="prod-s3", registered_model_name="comic-sequence-model"),
@@ -73,17 +75,19 @@ class S3Pipeline:
 @pytest.fixture(scope="module")
 def s3_pipeline(prod_services, prebuilt_home):
     home_url = f"s3://{prod_services.new_bucket('home')}/comic-pipeline"
-    # The local prebuilt home trained on the same corpus, config and code: its finished checkpoint
-    # on S3 makes sequence_model resume at its end (what a crashed run's successor does) instead
-    # of training the same weights again; the run still registers and logs every epoch's curves.
+    # The local prebuilt home trained on the same corpus (the whole tiny one as a legacy store of
+    # named comics, written here too: fewer comics leave too few test samples for every gate),
+    # config and code: its finished checkpoint on S3 makes sequence_model resume at its end (what a
+    # crashed run's successor does) instead of training the same weights again; the run still
+    # registers and logs every epoch's curves.
     with open(Path(prebuilt_home).joinpath(*CHECKPOINT), "rb") as handle:
         fileio.atomic_write_bytes(fileio.join(home_url, *CHECKPOINT), handle.read())
     resources = s3_resources(home_url, prod_services.mlflow_uri)
     with dg.instance_for_test(overrides=postgres_instance_overrides(prod_services)) as instance:
         instance.wipe()  # the session's `dagster` database may hold another module's runs
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        materialize(resources, instance, ["stage3_store"],
-                    run_config={"ops": {"stage3_store": {"config": {"size": "tiny", "n_comics": N_COMICS}}}})
+        write_named_tiny_store(resources["stage3"].store_url(), resources["stage3"].metadata_url)
+        materialize(resources, instance, ["stage3_store"])
         comic_ids = resources["stage3"].open().comic_ids()
         instance.add_dynamic_partitions("comics", comic_ids)
         keys = list(instance.get_dynamic_partitions("comics"))
