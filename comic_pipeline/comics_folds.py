@@ -251,12 +251,21 @@ def _check_duplicates(fold: Fold) -> None:
     fold.rows = kept
 
 
-def fold_paths(spec: str | Sequence[str] | None = None) -> list[str]:
-    """Fold files from a comma-separated string or a list; default: $COMICS_FOLDS."""
+def _given_paths(spec: str | Sequence[str] | None) -> list[str]:
     if spec is None:
         spec = os.environ.get(FOLDS_ENV, "")
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
-    paths = [p.strip() for p in parts if p and p.strip()]
+    return [p.strip() for p in parts if p and p.strip()]
+
+
+def has_folds(spec: str | Sequence[str] | None = None) -> bool:
+    """Whether `spec` (default: $COMICS_FOLDS) names any fold file."""
+    return bool(_given_paths(spec))
+
+
+def fold_paths(spec: str | Sequence[str] | None = None) -> list[str]:
+    """Fold files from a comma-separated string or a list; default: $COMICS_FOLDS."""
+    paths = _given_paths(spec)
     if not paths:
         raise ComicsFoldError(f"no COMICS fold file given: pass paths (comma-separated) or set "
                               f"{FOLDS_ENV}=path.csv,path.csv")

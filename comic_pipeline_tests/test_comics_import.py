@@ -146,8 +146,10 @@ def test_bad_files_are_named_and_do_not_stop_the_others(tmp_path, monkeypatch):
     with pytest.raises(cf.ComicsFoldError, match="given twice"):
         cf.read_folds([str(CLOZE_SLICE), str(CLOZE_SLICE)])
     monkeypatch.setenv(cf.FOLDS_ENV, f"{CLOZE_SLICE}, {COHERENCE_SLICE}")
-    assert cf.fold_paths() == [str(CLOZE_SLICE), str(COHERENCE_SLICE)]
+    assert cf.fold_paths() == [str(CLOZE_SLICE), str(COHERENCE_SLICE)] and cf.has_folds()
+    assert not cf.has_folds(" , ")  # a given spec wins over the environment
     monkeypatch.delenv(cf.FOLDS_ENV)
+    assert not cf.has_folds() and cf.has_folds([str(CLOZE_SLICE)])
     with pytest.raises(cf.ComicsFoldError, match="COMICS_FOLDS"):
         cf.fold_paths()
 

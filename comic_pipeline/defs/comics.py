@@ -5,7 +5,6 @@ baseline. The graph runs on a text-only Stage 3 store imported from the fold fil
 
 
 import json
-import os
 import re
 import tempfile
 from dataclasses import asdict
@@ -17,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from comic_pipeline import fileio, schema
-from comic_pipeline.comics_folds import FOLDS_ENV, ComicsFoldError, fold_paths, read_folds
+from comic_pipeline.comics_folds import FOLDS_ENV, ComicsFoldError, fold_paths, has_folds, read_folds
 from comic_pipeline.defs.datasets import load_task_datasets, read_splits
 from comic_pipeline.defs.keys import COMIC_SPLITS, COMICS_EVALUATION, SEQUENCE_MODEL, UNSEEN_TEST_BOOKS_CHECK
 from comic_pipeline.defs.refs import ModelRef, SplitsRef
@@ -71,7 +70,7 @@ def comics_evaluation(
     model_ref: ModelRef,
     comic_splits: SplitsRef,
 ) -> dg.MaterializeResult:
-    if not (config.folds or os.environ.get(FOLDS_ENV, "")).strip():
+    if not has_folds(config.folds):
         # the demo corpus and most Stage 3 stores are not COMICS: "Materialize all" goes on
         reason = (f"nothing scored: no COMICS fold files (launch config `folds` or ${FOLDS_ENV}); "
                   "run the graph on a COMICS store with `python -m comic_pipeline.comics_run` or `make comics`")
