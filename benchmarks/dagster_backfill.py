@@ -25,12 +25,13 @@ Also the DAGSTER_BACKFILL_HOOK of bench_embeddings.py: dagster_backfill_seconds(
 out_url, comic_ids) runs the Dagster half over a given store.
 
     .venv/bin/python benchmarks/dagster_backfill.py [--comics 2000] [--size demo|tiny]
-        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run 100]
+        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run 100] [--instances sqlite,postgres]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -244,6 +245,35 @@ def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]
 
 
 # --- main --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def dagster_instance(kind: str):
+    """A throwaway Dagster instance: "sqlite" (the local profile's storage) or "postgres" (the
+    production profile's: a throwaway PostgreSQL cluster with fsync on, as the prod tests start one)."""
+    import dagster as dg
+
+    if kind == "sqlite":
+        with dg.instance_for_test() as instance:
+            yield instance
+        return
+    if kind != "postgres":
+        raise ValueError(f"unknown instance kind {kind!r}: sqlite or postgres")
+    from pathlib import Path
+
+    from comic_pipeline_tests.prod.servers import start_postgres
+
+    folder = tempfile.mkdtemp(prefix="bench-backfill-pg-")
+    os.chmod(folder, 0o755)  # postgres runs as its own user
+    postgres, port = start_postgres(Path(folder), fsync=True)
+    try:
+        postgres_db = {"hostname": "127.0.0.1", "port": port, "username": "postgres", "password": "",
+                       "db_name": "postgres", "scheme": "postgresql+psycopg2"}
+        with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_db": postgres_db}}}) as instance:
+            yield instance
+    finally:
+        postgres.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--comics", type=int, default=2000)
@@ -253,12 +283,15 @@ def main() -> None:
                         help="pages per model batch (default: the asset's EmbeddingConfig default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in both halves")
     parser.add_argument("--rounds", type=int, default=2,
-                        help="interleaved rounds (pure, Dagster), best of each")
+                        help="interleaved rounds (pure, then each instance's backfill), best of each")
     parser.add_argument("--per-run", type=int, default=None,
                         help="comics per Dagster run (default: the asset's backfill policy; 0: one run)")
+    parser.add_argument("--instances", default="sqlite",
+                        help="Dagster instance storages, comma-separated: sqlite (local profile), "
+                             "postgres (production profile; starts a throwaway cluster)")
     args = parser.parse_args()
+    kinds = args.instances.split(",")
 
-    import dagster as dg
     import torch
 
     from comic_pipeline import home as home_module
@@ -286,37 +319,51 @@ def main() -> None:
 
         store = Stage3Store.open(stage3_url)
         n_pages = sum(store.comic(comic_id).n_pages for comic_id in comic_ids)
-        pure_seconds, dagster_seconds, in_asset_seconds = [], [], []
-        with dg.instance_for_test() as instance:
-            instance.add_dynamic_partitions("comics", comic_ids)
-            validate_comics(instance, pipeline_resources, comic_ids)
+        pure_seconds: list[float] = []
+        dagster_seconds: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
+        n_runs = len(runs_of(comic_ids, per_run))
+        with contextlib.ExitStack() as stack:
+            instances = {}
+            for kind in kinds:
+                instances[kind] = stack.enter_context(dagster_instance(kind))
+                t0 = time.perf_counter()
+                instances[kind].add_dynamic_partitions("comics", comic_ids)
+                validate_comics(instances[kind], pipeline_resources, comic_ids)
+                setup[f"validate {kind}"] = time.perf_counter() - t0
+                print(f"{kind}: {len(comic_ids)} comics validated in {setup[f'validate {kind}']:.1f} s",
+                      file=sys.stderr, flush=True)
             for round_index in range(args.rounds):
                 pure_seconds.append(time_pure_compute(
                     tracking, stage3_url, os.path.join(home, f"pure_{round_index}.zarr"), comic_ids, batch_pages))
-                round_resources = build_resources(home, None, os.path.join(home, f"dagster_{round_index}.zarr"))
-                wall, in_asset, n_runs = time_dagster_backfill(instance, round_resources, comic_ids, batch_pages,
-                                                               per_run)
-                dagster_seconds.append(wall)
-                in_asset_seconds.append(in_asset)
-                print(f"round {round_index}: pure {pure_seconds[-1]:.2f} s, Dagster {dagster_seconds[-1]:.2f} s",
-                      file=sys.stderr, flush=True)
-        pure, dagster = min(pure_seconds), min(dagster_seconds)
-        in_asset = in_asset_seconds[dagster_seconds.index(dagster)]
+                print(f"round {round_index}: pure {pure_seconds[-1]:.2f} s", file=sys.stderr, flush=True)
+                for kind, instance in instances.items():
+                    round_resources = build_resources(home, None,
+                                                      os.path.join(home, f"dagster_{kind}_{round_index}.zarr"))
+                    wall, in_asset, _ = time_dagster_backfill(instance, round_resources, comic_ids, batch_pages,
+                                                              per_run)
+                    dagster_seconds[kind].append((wall, in_asset))
+                    print(f"round {round_index}: Dagster ({kind}) {wall:.2f} s", file=sys.stderr, flush=True)
+        pure = min(pure_seconds)
         rows += [
             ("corpus", f"demo generator, {args.size} page sizes, {len(comic_ids)} comics, {n_pages} pages "
                        f"(written in {setup['store']:.1f} s)"),
             ("model", f"SequenceModel demo preset, random init (seed 0), MLflow version {version} as champion "
                       f"(set up in {setup['champion']:.1f} s)"),
             ("settings", f"batch_pages {batch_pages}, torch threads {args.threads}, "
-                         f"best of {args.rounds} interleaved round(s)"),
+                         f"best of {args.rounds} interleaved round(s); {n_runs} run(s) of at most "
+                         f"{per_run or len(comic_ids)} comics, each a dg.materialize in this process "
+                         f"(run-process launch not included: bench_run_overhead.py)"),
             (f"(c) backfill {len(comic_ids)} comics, pure compute", f"{pure:.2f} s (embed_and_write, no Dagster)"),
-            (f"(c) backfill {len(comic_ids)} comics, Dagster",
-             f"{dagster:.2f} s ({n_runs} run(s) of at most {per_run or len(comic_ids)} comics, each a "
-             f"dg.materialize in this process; {in_asset:.2f} s of it embedding, as the asset logs it)"),
-            ("(c) Dagster overhead", f"{dagster / pure:.2f}x pure compute (+{dagster - pure:.2f} s; "
-                                     f"target <= 1.3x; run-process launch not included: "
-                                     f"bench_run_overhead.py)"),
         ]
+        for kind in kinds:
+            dagster, in_asset = min(dagster_seconds[kind])
+            rows += [
+                (f"(c) backfill {len(comic_ids)} comics, Dagster on {kind}",
+                 f"{dagster:.2f} s ({in_asset:.2f} s of it embedding, as the asset logs it; "
+                 f"validating the comics took {setup[f'validate {kind}']:.1f} s, not timed)"),
+                (f"(c) Dagster overhead, {kind}", f"{dagster / pure:.2f}x pure compute "
+                                                  f"(+{dagster - pure:.2f} s; target <= 1.3x)"),
+            ]
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
