@@ -13,8 +13,20 @@ Sizes: "demo" (the demo corpus and model preset) and "full" (d_model 512, 6 laye
 16 panels, D 512, on a smaller corpus: only a few steps). On CUDA both run under bf16 autocast
 and the table adds model FLOP utilisation: model FLOPs/s over a measured dense bf16 matmul rate.
 
+A second table: training device memory at 1x and 10x the corpus (target: flat). training.train()
+runs --memory-steps steps and its validation on --memory-comics demo comics (1x; default the demo
+corpus, so every training and validation batch is full) and on ten times as many (10x), same
+model and batch sizes. On CUDA: torch.cuda.max_memory_allocated over the run (peak reset before
+it). On CPU there is no separate device memory, so the figure is an accounting of what train()
+keeps on its device: parameters + gradients + AdamW state (the optimizer train() built) + the
+larger of the largest training step's batches (every task's batch and the strip batch that
+TaskBatches handed out between two optimizer steps, their tensors walked and each storage
+counted once) and the largest validation batch; activations are not counted (they depend on
+the batch, not the corpus). The host-side feature tables (where the corpus lives) are shown
+beside it.
+
     .venv/bin/python benchmarks/bench_training.py [--sizes demo,full] [--steps N] [--repeats R]
-                                                  [--device auto] [--threads N]
+        [--device auto] [--threads N] [--memory-comics 160] [--memory-steps 10] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from comic_pipeline import corpus, tasks  # noqa: E402
+from comic_pipeline import training as training_module  # noqa: E402
 from comic_pipeline.batching import TaskBatches  # noqa: E402
 from comic_pipeline.inference import autocast, configure_cpu_threads, resolve_device  # noqa: E402
 from comic_pipeline.model import SequenceModel  # noqa: E402
@@ -46,14 +59,14 @@ SIZES = {
 }
 
 
-def problem(corpus_config):
+def problem(corpus_config, splits: tuple[str, ...] = ("train",)):
     features = corpus.corpus_features(corpus_config)
     split_of = tasks.assign_splits(list(dict.fromkeys(features.comic_ids)))
     datasets = {name: tasks.generate_task(name, features, split_of, tasks.TaskConfig())
                 for name in TASK_NAMES}
-    # train split only: the benchmark times steps, not validation
+    # train split only by default: the throughput figures time steps, not validation
     for dataset in datasets.values():
-        dataset.splits = {"train": dataset.splits["train"]}
+        dataset.splits = {split: dataset.splits[split] for split in splits if split in dataset.splits}
     return features, {n: d for n, d in datasets.items() if d.n_samples("train")}
 
 
@@ -134,6 +147,143 @@ def dense_bf16_rate(device: torch.device, n: int = 8192, repeats: int = 20) -> f
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+# --- device memory, 1x vs 10x corpus --------------------------------------------------------------
+def tensor_bytes(value, seen: set[int] | None = None) -> int:
+    """Bytes of the tensors in a batch (dataclass, dict, list or tensor), each storage once."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        if storage.data_ptr() in seen:
+            return 0
+        seen.add(storage.data_ptr())
+        return storage.nbytes()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(item, seen) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(item, seen) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return sum(tensor_bytes(getattr(value, f.name), seen) for f in dataclasses.fields(value))
+    return 0
+
+
+class DeviceLedger:
+    """What train() put on its device, recorded through two stand-ins it is given while it runs:
+    a TaskBatches that counts the bytes of every batch it hands out, and the AdamW it builds,
+    whose step hook closes a training step."""
+
+    def __init__(self):
+        self.step_bytes = 0  # batches handed out since the last optimizer step
+        self.largest_step = 0  # the most bytes of batches one training step held
+        self.largest_batch = 0  # the largest single batch (validation ones included)
+        self.steps = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.host_tables = 0  # bytes of the feature tables TaskBatches keeps on the host
+        ledger = self
+
+        class CountingBatches(TaskBatches):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                ledger.host_tables = tensor_bytes(self.tables)
+
+            def batch(self, *args, **kwargs):
+                return ledger.count(super().batch(*args, **kwargs))
+
+            def pages(self, *args, **kwargs):
+                return ledger.count(super().pages(*args, **kwargs))
+
+        def make_optimizer(model, config):
+            ledger.optimizer = real_make_optimizer(model, config)
+            ledger.optimizer.register_step_post_hook(lambda *_: ledger.end_step())
+            return ledger.optimizer
+
+        real_make_optimizer = training_module.make_optimizer
+        self.batches_class, self.make_optimizer = CountingBatches, make_optimizer
+
+    def count(self, batch):
+        size = tensor_bytes(batch)
+        self.step_bytes += size
+        self.largest_batch = max(self.largest_batch, size)
+        return batch
+
+    def end_step(self) -> None:
+        self.largest_step = max(self.largest_step, self.step_bytes)
+        self.step_bytes = 0
+        self.steps += 1
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Parameters, gradients, optimizer state and batches on the device at the worst step."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        return {
+            "params": sum(p.numel() * p.element_size() for p in params),
+            "grads": sum(p.numel() * p.element_size() for p in params),  # one per parameter
+            "optimizer": tensor_bytes([dict(state) for state in self.optimizer.state.values()]),
+            "step batches": self.largest_step,
+            "largest batch": self.largest_batch,
+        }
+
+
+def train_device_memory(corpus_config, config: TrainConfig, device: str, steps: int) -> dict:
+    """Train `steps` steps (and validate) on corpus_config; what stayed on the device."""
+    features, datasets = problem(corpus_config, splits=("train", "val"))
+    config = dataclasses.replace(config, epochs=1, max_steps=steps, log_every=10**9, patience=None,
+                                 warmup_steps=1)
+    torch_device, _ = resolve_device(device)
+    ledger = DeviceLedger()
+    saved = training_module.TaskBatches, training_module.make_optimizer
+    training_module.TaskBatches, training_module.make_optimizer = ledger.batches_class, ledger.make_optimizer
+    try:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(torch_device)
+        train(config, datasets, features, device=device, log=lambda line: None)
+        peak = torch.cuda.max_memory_allocated(torch_device) if torch_device.type == "cuda" else None
+    finally:
+        training_module.TaskBatches, training_module.make_optimizer = saved
+    return {"comics": len(set(features.comic_ids)), "pages": features.n_pages,
+            "train samples": sum(d.n_samples("train") for d in datasets.values()),
+            "host tables": ledger.host_tables, "cuda peak": peak, "steps": ledger.steps,
+            **ledger.resident_bytes()}
+
+
+def memory_table(device: str, base_comics: int, steps: int) -> list[dict]:
+    corpus_config, config, _ = SIZES["demo"]
+    rows, figures = [], {}
+    mb = 2**20
+    for scale in (1, 10):
+        figures[scale] = train_device_memory(dataclasses.replace(corpus_config, n_comics=base_comics * scale),
+                                             config, device, steps)
+        f = figures[scale]
+        if f["steps"] != steps:
+            raise RuntimeError(f"train() took {f['steps']} optimizer steps, expected {steps}")
+        accounted = f["params"] + f["grads"] + f["optimizer"] + max(f["step batches"], f["largest batch"])
+        f["accounted"] = accounted
+        row = {"corpus": f"{scale}x: {f['comics']} comics, {f['pages']} pages, {f['train samples']:,} train samples",
+               "host tables MB": f"{f['host tables'] / mb:.1f}",
+               "params+grads+AdamW MB": f"{(f['params'] + f['grads'] + f['optimizer']) / mb:.2f}",
+               "largest train step's batches MB": f"{f['step batches'] / mb:.2f}",
+               "largest single batch MB (val incl.)": f"{f['largest batch'] / mb:.2f}",
+               "device total MB (accounted)": f"{accounted / mb:.2f}"}
+        if f["cuda peak"] is not None:
+            row["CUDA max_memory_allocated MB"] = f"{f['cuda peak'] / mb:.1f}"
+        rows.append(row)
+    ratio = {"corpus": "10x / 1x", "host tables MB": f"{figures[10]['host tables'] / figures[1]['host tables']:.2f}x",
+             "device total MB (accounted)": f"{figures[10]['accounted'] / figures[1]['accounted']:.2f}x (target: flat)"}
+    if figures[1]["cuda peak"] is not None:
+        ratio["CUDA max_memory_allocated MB"] = f"{figures[10]['cuda peak'] / figures[1]['cuda peak']:.2f}x"
+    rows.append(ratio)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for row in rows:
+        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="demo,full")
@@ -141,13 +291,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs; the best is kept")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
+    parser.add_argument("--memory-comics", type=int, default=corpus.SIZES["demo"].n_comics,
+                        help="demo comics of the 1x corpus of the device-memory table (10x: ten times as many)")
+    parser.add_argument("--memory-steps", type=int, default=10, help="training steps per device-memory run")
+    parser.add_argument("--skip-memory", action="store_true", help="no device-memory table")
     args = parser.parse_args()
     torch_device, amp_dtype = resolve_device(args.device)
     threads = configure_cpu_threads(args.threads)
     peak = dense_bf16_rate(torch_device) if torch_device.type == "cuda" else None
 
     rows = []
-    for size in args.sizes.split(","):
+    for size in [size for size in args.sizes.split(",") if size]:
         corpus_config, config, default_steps = SIZES[size]
         steps = args.steps or (default_steps if torch_device.type == "cpu" else 10 * default_steps)
         features, datasets = problem(corpus_config)
@@ -174,12 +328,14 @@ def main() -> None:
             row["matmul TFLOP/s"] = f"{peak / 1e12:.0f}"
         rows.append(row)
 
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print(" | ".join(c.ljust(widths[c]) for c in columns))
-    print("-+-".join("-" * widths[c] for c in columns))
-    for row in rows:
-        print(" | ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns))
+    if rows:
+        print_table(rows)
+    if not args.skip_memory:
+        what = ("CUDA max_memory_allocated, and the accounting" if torch_device.type == "cuda" else
+                "CPU: no separate device memory; accounted: params + grads + AdamW state + the larger of "
+                "the largest train step's batches and the largest validation batch; activations not counted")
+        print(f"\ntraining device memory, demo preset, {args.memory_steps} steps + validation ({what})")
+        print_table(memory_table(args.device, args.memory_comics, args.memory_steps))
 
 
 if __name__ == "__main__":

@@ -79,16 +79,18 @@ def run_task(model: SequenceModel, batches: TaskBatches, task: str, split: str, 
         batch = batches.batch(task, split, indices)
         with autocast(*amp):
             loss, scores = model(batch)
-        loss_sum += loss.item() * len(indices)
+        loss_sum += loss.item() * len(indices)  # waits for the batch anyway: its outputs go to the host now
         if isinstance(batch, OptionBatch):
-            outputs.append({"prediction": scores.argmax(1), "label": batch.label, "scores": scores.float()})
+            output = {"prediction": scores.argmax(1), "label": batch.label, "scores": scores.float()}
         else:
             predicted = scores_to_order(scores, batch.kind != KIND_PAD)
-            outputs.append({"predicted_order": predicted, "order": batch.order, "scores": scores.float()})
+            output = {"predicted_order": predicted, "order": batch.order, "scores": scores.float()}
+        # on the host, so device memory holds one batch's outputs, not the whole split's
+        outputs.append({name: value.cpu() for name, value in output.items()})
     model.train(was_training)
     if not outputs:
         return math.nan, {}
-    joined = {name: torch.cat([o[name] for o in outputs]).cpu().numpy() for name in outputs[0]}
+    joined = {name: torch.cat([o[name] for o in outputs]).numpy() for name in outputs[0]}
     return loss_sum / n, joined
 
 

@@ -743,3 +743,38 @@ def test_text_boxes_of_padded_panels_count_as_padding(empty_store, good_comic):
     comic = Stage3Store.open(empty_store).comic("c")
     assert not comic.text_mask()[padded_panel[0], padded_panel[1]].any()
     assert (comic.read("text")[padded_panel[0], padded_panel[1]] == 0).all()
+
+
+def test_a_comics_arrays_are_read_in_one_trip_and_not_kept(tiny_native_store, monkeypatch):
+    url, written = tiny_native_store
+    trips = []
+    real_sync = store.zarr_sync
+    monkeypatch.setattr(store, "zarr_sync", lambda coroutine: trips.append(1) or real_sync(coroutine))
+    reader = Stage3Store.open(url).comic("beta")
+    features, summary = reader.validated_features()
+    assert len(trips) == 1  # the masks and all four modalities together
+    assert reader._source._fetched == {}  # the reader lives through a run: it holds no arrays
+    mask = written["beta"]["panel_mask"]
+    for modality, array in (("fused", "panel_embeddings"), ("visual", "visual"), ("caption", "caption")):
+        np.testing.assert_array_equal(getattr(features, modality), zeroed(written["beta"][array], mask))
+    text_valid = written["beta"]["text_mask"] & mask[:, :, None]
+    np.testing.assert_array_equal(features.text, zeroed(written["beta"]["text"], text_valid))
+    np.testing.assert_array_equal(features.text_mask, text_valid)
+    # the same content hash as array-by-array reads (no fetch on this source)
+    monkeypatch.setattr(store._NativeArrays, "fetch", property(lambda self: None))
+    assert Stage3Store.open(url).comic("beta").validate().content_hash == summary.content_hash
+
+
+def test_a_broken_array_fails_its_own_read_and_leaves_nothing_held(tiny_native_store):
+    url, written = tiny_native_store
+    chunk = os.path.join(url, "comics", "beta", "caption", "c", "0", "0", "0")  # read first
+    assert os.path.exists(chunk)
+    with open(chunk, "wb") as handle:
+        handle.write(b"not a zstd frame")
+    reader = Stage3Store.open(url).comic("beta")
+    with pytest.raises(Exception, match="(?i)zstd|decompress|frame|error"):
+        reader.features()
+    assert reader._source._fetched == {}
+    fused = reader.features(["fused", "text"]).fused  # the other arrays still read
+    mask = written["beta"]["panel_mask"]
+    np.testing.assert_array_equal(fused, zeroed(written["beta"]["panel_embeddings"], mask))

@@ -96,7 +96,8 @@ def http_ok(url: str) -> bool:
         return response.status == 200
 
 
-def start_postgres(folder: Path) -> tuple[Component, int]:
+def start_postgres(folder: Path, *, fsync: bool = False) -> tuple[Component, int]:
+    """A throwaway cluster; fsync off (tests) unless `fsync` (benchmarks: a durable database)."""
     initdb, postgres = postgres_bin("initdb"), postgres_bin("postgres")
     data, sockets = folder / "data", folder / "sockets"
     sockets.mkdir(parents=True)
@@ -113,7 +114,7 @@ def start_postgres(folder: Path) -> tuple[Component, int]:
     if as_postgres:
         shutil.chown(log_path, "postgres")
     component = start_process("postgresql", [*as_postgres, postgres, "-D", str(data), "-p", str(port), "-k", str(sockets),
-                                      "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                                      "-c", "listen_addresses=127.0.0.1", "-c", f"fsync={'on' if fsync else 'off'}",
                                       "-c", "max_connections=200"], log_path)
 
     def ready() -> bool:
