@@ -53,6 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--samples-per-page", type=int, default=4)
+    parser.add_argument("--match-similarity", action=argparse.BooleanOptionalAction, default=False,
+                        help="similarity-matched distractors in the generated training tasks (default "
+                        "off: on real comics a line's likeness to its context is content, and a model "
+                        "trained on matched distractors learns to ignore it; slot matching stays on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--encoder-device", default="cpu")
@@ -125,7 +129,8 @@ def run_graph(args, root: str, store_url: str, folds, log) -> dict:
                 "seed": args.seed, "log_every": 100,
                 **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     run_config = {"ops": {
-        "task_datasets": {"config": {"seed": args.seed, "samples_per_page": args.samples_per_page}},
+        "task_datasets": {"config": {"seed": args.seed, "samples_per_page": args.samples_per_page,
+                                     "match_similarity": args.match_similarity}},
         "sequence_model": {"config": training},
         "comics_evaluation": {"config": {"folds": ",".join(f.path for f in folds), "limit": args.limit,
                                          "seed": args.seed, "encoder_device": args.encoder_device}},

@@ -177,6 +177,8 @@ def test_make_comics_on_a_slice_of_the_real_folds(comics_home, encoder, migrated
     with dg.DagsterInstance.local_temp(str(Path(comics_home) / "dagster")) as instance:
         event = instance.get_latest_materialization_event(COMICS_EVALUATION)
         assert "published (Iyyer et al. 2017): text-only" in event.asset_materialization.metadata["table"].value
+        cloze = instance.get_latest_materialization_event(dg.AssetKey(["tasks", "text_cloze"]))
+        assert cloze.asset_materialization.metadata["similarity_matched"].value is False  # comics_run's default
         check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
             [dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)])
         assert check[dg.AssetCheckKey(COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK)].status.value == "SUCCEEDED"

@@ -81,6 +81,10 @@ class TaskGenerationConfig(dg.Config):
     samples_per_page: int = Field(default=4, description="Samples drawn from each eligible page.")
     distractors: str = Field(default="hard", description="hard (same comic, other pages) or easy "
                              "(other comics); text_cloze always makes both variants.")
+    match_similarity: bool = Field(default=True, description="Match distractors to the answer's "
+                                   "similarity to the context (the demo corpus's shortcut bar). Off for "
+                                   "real comics, where a line's likeness to its context is content: "
+                                   "comics_run turns it off. Slot matching stays on either way.")
 
 
 @dg.multi_asset(
@@ -107,7 +111,8 @@ def task_datasets(
     store = stage3.open()
     features, content_hashes = store.load_pinned(sorted(split_of))  # pinned in every dataset
     task_config = tasks.TaskConfig(
-        seed=config.seed, samples_per_page=config.samples_per_page, distractors=config.distractors
+        seed=config.seed, samples_per_page=config.samples_per_page, distractors=config.distractors,
+        match_similarity=config.match_similarity,
     )
     for name, key in TASK_KEYS.items():
         if key not in context.selected_asset_keys:
@@ -140,6 +145,7 @@ def task_datasets(
                 "n_options": dataset.n_options,
                 "chance": chance,
                 "distractor_policy": str(dataset.attrs.get("distractor_policy", config.distractors)),
+                "similarity_matched": bool(dataset.attrs.get("similarity_matched", config.match_similarity)),
                 **({"slot_oracle_accuracy": float(dataset.attrs["slot_oracle_accuracy"])}
                    if "slot_oracle_accuracy" in dataset.attrs else {}),  # ~chance: no slot shortcut
                 "seed": config.seed,
