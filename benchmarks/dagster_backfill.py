@@ -48,7 +48,6 @@ from figures import print_figures  # noqa: E402  (beside this script)
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
 ASSET = "contextualized_embeddings"
-VALIDATION_RUN_COMICS = 200  # stage3_panel_embeddings' max_partitions_per_run
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -107,9 +106,10 @@ def validate_comics(instance, pipeline_resources: dict, comic_ids: list[str]) ->
 
     from comic_pipeline.definitions import defs
     from comic_pipeline.demo import graph_definitions
+    from comic_pipeline.defs.stage3 import stage3_panel_embeddings
 
     validated = set()
-    for run_comics in runs_of(comic_ids, VALIDATION_RUN_COMICS):  # as its backfill policy cuts runs
+    for run_comics in runs_of(comic_ids, partitions_per_run(stage3_panel_embeddings)):  # as its policy cuts runs
         result = dg.materialize(
             assets=graph_definitions(defs()), resources=pipeline_resources, selection=["stage3_panel_embeddings"],
             instance=instance, tags={RANGE_START: run_comics[0], RANGE_END: run_comics[-1]},
@@ -140,12 +140,16 @@ def runs_of(comic_ids: list[str], per_run: int | None) -> list[list[str]]:
     return [comic_ids[start:start + size] for start in range(0, len(comic_ids), size)]
 
 
-def backfill_runs_per_comic() -> int | None:
-    """max_partitions_per_run of contextualized_embeddings' backfill policy (None: one run)."""
+def partitions_per_run(asset) -> int | None:
+    """max_partitions_per_run of `asset`'s backfill policy (None: one run)."""
+    policy = asset.backfill_policy
+    return getattr(policy, "max_partitions_per_run", None) if policy is not None else None
+
+
+def embedding_partitions_per_run() -> int | None:
     from comic_pipeline.defs.embeddings import contextualized_embeddings
 
-    policy = contextualized_embeddings.backfill_policy
-    return getattr(policy, "max_partitions_per_run", None) if policy is not None else None
+    return partitions_per_run(contextualized_embeddings)
 
 
 _SUMMARY = re.compile(r"comics \((\d+) pages\) embedded in ([0-9.]+) s")
@@ -243,7 +247,7 @@ def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]
             instance.add_dynamic_partitions("comics", list(comic_ids))
             validate_comics(instance, pipeline_resources, list(comic_ids))
             return time_dagster_backfill(instance, pipeline_resources, list(comic_ids), None,
-                                         backfill_runs_per_comic())[0]
+                                         embedding_partitions_per_run())[0]
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -301,7 +305,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     batch_pages = args.batch_pages or EmbeddingConfig().batch_pages
-    per_run = backfill_runs_per_comic() if args.per_run is None else args.per_run
+    per_run = embedding_partitions_per_run() if args.per_run is None else args.per_run
     rows: list[tuple[str, str]] = []
     home = tempfile.mkdtemp(prefix="bench_dagster_backfill_")
     try:
