@@ -21,10 +21,13 @@ Encoder: the real SequenceModel (random init, eval mode) through inference.embed
 comic_pipeline.model/training exist — the "demo" preset on the whole corpus and the "full" preset
 (512/6/8) on a few comics for (a), "demo" for (b) and (c) — else a fixed random projection; the
 table says which. (a) is best-of-3 interleaved rounds, since a shared machine slows both alike.
+--device (default auto: CUDA when there is one) is where the model runs; on CUDA it runs under
+bf16 autocast as the asset does, and (a) adds model FLOP utilisation (MFU): the model's forward
+FLOPs per page times pages/s, over a measured dense bf16 matmul rate (bench_training's).
 
     .venv/bin/python benchmarks/bench_embeddings.py [--base-comics N] [--batch-pages B]
         [--presets demo,full] [--full-comics 24] [--backfill-comics 200] [--projection] [--skip-rss]
-        [--skip-io] [--candidate-comics 200]
+        [--skip-io] [--candidate-comics 200] [--device auto]
 """
 
 from __future__ import annotations
@@ -99,10 +102,24 @@ def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
 # overrides it (1 on a machine other processes share: torch's pool spin-waits).
 TORCH_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                            (os.cpu_count() or 1), 16))
+DEVICE = "auto"  # --device: where the model runs (inference.resolve_device)
+
+
+def forward_flops_per_page(config) -> float:
+    """Forward FLOPs of encode_pages for one page of max_panels slots (padded slots count: the
+    GPU computes them): the panel projections (2 * dim * d per modality and panel), the blocks
+    (2 * block params per token) and attention (4 * layers * P * d per token), the strip pooling."""
+    d, layers, P = config.d_model, config.n_layers, config.max_panels
+    block_params = layers * (12 * d * d + 13 * d)
+    per_token = 2 * block_params + 4 * layers * P * d
+    projections = 2 * config.dim * d * len(config.modalities)
+    return P * (per_token + projections) + 2 * (P * d + d * d)
+
 
 def build_encoder(stage3_url: str, force_projection: bool = False, preset: str = "demo"
                   ) -> tuple[Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], frozenset[str] | None, str]:
-    """(encode, modalities to load, description). preset: the ModelConfig size."""
+    """(encode, modalities to load, description). preset: the ModelConfig size. The encoder's
+    `flops_per_page` attribute is its forward FLOPs per page (None for the projection)."""
     import torch
 
     from comic_pipeline.store import Stage3Store
@@ -122,11 +139,16 @@ def build_encoder(stage3_url: str, force_projection: bool = False, preset: str =
             torch.manual_seed(0)
             sequence_model = model_module.SequenceModel(config).eval()
 
-            def encode(features: PageFeatures):
-                return inference.embed_pages(sequence_model, features, device="cpu")
+            torch_device, amp_dtype = inference.resolve_device(DEVICE)
 
+            def encode(features: PageFeatures):
+                return inference.embed_pages(sequence_model, features, device=str(torch_device))
+
+            encode.flops_per_page = forward_flops_per_page(config)
+            precision = "bf16 autocast" if amp_dtype is not None else "float32"
             return encode, frozenset(modalities), (f"SequenceModel {preset} (d_model {config.d_model}, "
-                                                  f"{config.n_layers} layers), random init, CPU")
+                                                  f"{config.n_layers} layers), random init, {torch_device} "
+                                                  f"({precision})")
         except ImportError as error:  # torch missing; a broken call must fail, not fall back
             reason = f"model unavailable: {type(error).__name__}: {error}"[:80]
     else:
@@ -170,8 +192,18 @@ def measure_throughput(stage3_url: str, out_url: str, batch_pages: int, force_pr
     return {
         "encoder": encoder_name, "comics": len(inputs), "pages": n_pages,
         "bare_pages_per_s": n_pages / bare, "end_to_end_pages_per_s": n_pages / end_to_end,
-        "ratio": bare / end_to_end,
+        "ratio": bare / end_to_end, "flops_per_page": getattr(encode, "flops_per_page", None),
     }
+
+
+def dense_bf16_rate() -> float | None:
+    """The measured dense bf16 matmul FLOP/s of the CUDA device (bench_training's); None on CPU."""
+    from bench_training import dense_bf16_rate as measure
+
+    from comic_pipeline import inference
+
+    torch_device, _ = inference.resolve_device(DEVICE)
+    return measure(torch_device) if torch_device.type == "cuda" else None
 
 
 # --- (io) the I/O path alone -----------------------------------------------------------------
@@ -370,7 +402,8 @@ def rss_worker(stage3_url: str, out_url: str, batch_pages: int, force_projection
 
 def measure_peak_rss(stage3_url: str, out_url: str, batch_pages: int, force_projection: bool) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--rss-worker", stage3_url, out_url,
-               "--batch-pages", str(batch_pages), "--threads", str(TORCH_THREADS)] + (["--projection"] if force_projection else [])
+               "--batch-pages", str(batch_pages), "--threads", str(TORCH_THREADS), "--device", DEVICE] + (
+                   ["--projection"] if force_projection else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"RSS worker failed:\n{result.stderr[-4000:]}")
@@ -417,11 +450,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
     parser.add_argument("--candidate-comics", type=int, default=200,
                         help="comics written by each output-store candidate in (d)")
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when there "
+                        "is one), cpu, cuda[:N]")
     parser.add_argument("--rss-worker", nargs=2, metavar=("STAGE3_URL", "OUT_URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global TORCH_THREADS
+    global TORCH_THREADS, DEVICE
     if args.threads is not None:
         TORCH_THREADS = max(1, args.threads)
+    DEVICE = args.device
     if args.rss_worker:
         rss_worker(*args.rss_worker, args.batch_pages, args.projection)
         return
@@ -436,6 +472,7 @@ def main() -> None:
         rows.append(("corpus (1x)", f"{base_what}; batches of {args.batch_pages} pages; "
                                     f"{TORCH_THREADS} torch thread(s)"))
         presets = ["projection"] if args.projection else args.presets.split(",")
+        peak = dense_bf16_rate()
         for preset in presets:
             limit = args.full_comics if preset == "full" else None
             throughput = measure_throughput(base_url, os.path.join(tmp, f"ctx_a_{preset}.zarr"), args.batch_pages,
@@ -449,6 +486,12 @@ def main() -> None:
                 (f"(a) [{preset}] end-to-end / bare",
                  f"{throughput['ratio']:.2f}" + (f" (target >= {RATIO_TARGETS[preset]})" if preset in RATIO_TARGETS else "")),
             ]
+            if peak is not None and throughput["flops_per_page"]:
+                mfu = {kind: throughput[f"{kind}_pages_per_s"] * throughput["flops_per_page"] / peak
+                       for kind in ("bare", "end_to_end")}
+                rows.append((f"(a) [{preset}] MFU bare / end to end",
+                             f"{mfu['bare']:.1%} / {mfu['end_to_end']:.1%} (of {peak / 1e12:,.0f} TFLOP/s "
+                             f"dense bf16 measured)"))
 
         if not args.skip_io:
             io = measure_io_path(base_url, os.path.join(tmp, "ctx_io.zarr"), os.path.join(tmp, "raw"),

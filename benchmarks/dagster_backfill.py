@@ -26,7 +26,8 @@ Also the DAGSTER_BACKFILL_HOOK of bench_embeddings.py: dagster_backfill_seconds(
 out_url, comic_ids) runs the Dagster half over a given store.
 
     .venv/bin/python benchmarks/dagster_backfill.py [--comics 2000] [--size demo|tiny]
-        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run 100] [--instances sqlite,postgres]
+        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run 100]
+        [--instances sqlite,postgres,postgres-pooled]
 """
 
 from __future__ import annotations
@@ -251,20 +252,28 @@ def dagster_backfill_seconds(stage3_url: str, out_url: str, comic_ids: list[str]
 
 
 # --- main --------------------------------------------------------------------------------------
+INSTANCE_KINDS = {
+    "sqlite": "the local profile's storage",
+    "postgres": "dagster-postgres as shipped: a new connection per stored event",
+    "postgres-pooled": "the production profile's (deploy/dagster.yaml): the event log pooled",
+}
+
+
 @contextlib.contextmanager
 def dagster_instance(kind: str):
-    """A throwaway Dagster instance: "sqlite" (the local profile's storage) or "postgres" (the
-    production profile's: a throwaway PostgreSQL cluster with fsync on, as the prod tests start one)."""
+    """A throwaway Dagster instance of one of INSTANCE_KINDS; the PostgreSQL kinds start a
+    throwaway cluster with fsync on, as the prod tests start one."""
     import dagster as dg
 
+    if kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance kind {kind!r}: {', '.join(INSTANCE_KINDS)}")
     if kind == "sqlite":
         with dg.instance_for_test() as instance:
             yield instance
         return
-    if kind != "postgres":
-        raise ValueError(f"unknown instance kind {kind!r}: sqlite or postgres")
     from pathlib import Path
 
+    from comic_pipeline.dagster_storage import postgres_storage_config
     from comic_pipeline_tests.prod.servers import start_postgres
 
     folder = tempfile.mkdtemp(prefix="bench-backfill-pg-")
@@ -273,7 +282,9 @@ def dagster_instance(kind: str):
     try:
         postgres_db = {"hostname": "127.0.0.1", "port": port, "username": "postgres", "password": "",
                        "db_name": "postgres", "scheme": "postgresql+psycopg2"}
-        with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_db": postgres_db}}}) as instance:
+        overrides = (postgres_storage_config(postgres_db) if kind == "postgres-pooled"
+                     else {"storage": {"postgres": {"postgres_db": postgres_db}}})
+        with dg.instance_for_test(overrides=overrides) as instance:
             yield instance
     finally:
         postgres.stop()
@@ -293,8 +304,8 @@ def main() -> None:
     parser.add_argument("--per-run", type=int, default=None,
                         help="comics per Dagster run (default: the asset's backfill policy; 0: one run)")
     parser.add_argument("--instances", default="sqlite",
-                        help="Dagster instance storages, comma-separated: sqlite (local profile), "
-                             "postgres (production profile; starts a throwaway cluster)")
+                        help="Dagster instance storages, comma-separated: "
+                             + "; ".join(f"{kind} ({what})" for kind, what in INSTANCE_KINDS.items()))
     args = parser.parse_args()
     kinds = args.instances.split(",")
 

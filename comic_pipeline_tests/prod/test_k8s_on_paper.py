@@ -12,6 +12,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from comic_pipeline.dagster_storage import POOL_DEFAULTS, postgres_storage_config
 from comic_pipeline.definitions import defs
 from comic_pipeline.demo import graph_definitions
 from comic_pipeline.defs import k8s
@@ -27,13 +28,14 @@ GPU_JOB = "gpu_training"
 
 def _validate_instance_yaml(folder: Path) -> dict:
     """Dagster's own checks of a dagster.yaml: the instance schema, then each configurable class's
-    config schema (run launcher, coordinator, compute logs, storage)."""
+    config schema (run launcher, coordinator, compute logs, the three storages)."""
     from dagster._config import process_config
     from dagster._core.instance.config import dagster_instance_config
 
     config, _ = dagster_instance_config(str(folder))
     checked = {}
-    for section in ("run_launcher", "run_coordinator", "compute_logs"):
+    for section in ("run_launcher", "run_coordinator", "compute_logs", "run_storage", "event_log_storage",
+                    "schedule_storage"):
         data = config[section]
         result = process_config(_class_of(data).config_type(), data.get("config") or {})
         if not result.success:
@@ -58,17 +60,23 @@ def test_production_dagster_yaml_validates_against_dagsters_schema(deploy_env, t
     shutil.copy(DEPLOY / "dagster.yaml", tmp_path / "dagster.yaml")
     checked = _validate_instance_yaml(tmp_path)
     assert checked["run_launcher"]["job_namespace"] == "comic-pipeline"
-    # the instance itself comes up from the file (PostgreSQL storage is only connected lazily)
+    assert checked["event_log_storage"]["pool_size"] == 1
+    # the file is the instance that postgres_storage_config builds for the prod tests and benchmarks
     raw = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
-    assert raw["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"
+    postgres_db = raw["run_storage"]["config"]["postgres_db"]
+    assert postgres_db["scheme"] == "postgresql+psycopg2"
+    pool = {name: raw["event_log_storage"]["config"][name] for name in POOL_DEFAULTS}
+    assert {key: raw[key] for key in ("run_storage", "event_log_storage", "schedule_storage")} == \
+        postgres_storage_config(postgres_db, **pool)
     assert raw["concurrency"]["pools"]["default_limit"] >= 1
 
 
 @pytest.mark.parametrize("section, typo", [
     ("run_launcher", {"job_namespce": "x"}),  # a misspelt launcher field
     ("compute_logs", {"buckett": "x"}),
+    ("event_log_storage", {"pool_sise": 2}),
 ])
-def test_a_typo_in_the_launcher_or_compute_log_config_fails(deploy_env, tmp_path, section, typo):
+def test_a_typo_in_the_launcher_compute_log_or_event_log_config_fails(deploy_env, tmp_path, section, typo):
     raw = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())
     raw[section]["config"].update(typo)
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(raw))

@@ -12,6 +12,7 @@ import pytest
 from fsspec.core import url_to_fs
 
 from comic_pipeline import fileio, schema
+from comic_pipeline.dagster_storage import postgres_storage_config
 from comic_pipeline.definitions import defs
 from comic_pipeline.demo import graph_definitions
 from comic_pipeline.defs.keys import TASK_KEYS
@@ -34,7 +35,8 @@ RANGE_END = "dagster/asset_partition_range_end"
 
 
 def postgres_instance_overrides(services) -> dict:
-    return {"storage": {"postgres": {"postgres_db": services.dagster_postgres_db()}}}
+    """deploy/dagster.yaml's storage on the session's PostgreSQL (the event log pooled)."""
+    return postgres_storage_config(services.dagster_postgres_db())
 
 
 def s3_resources(home_url: str, mlflow_uri: str) -> dict:
@@ -86,6 +88,7 @@ def s3_pipeline(prod_services, prebuilt_home):
     with dg.instance_for_test(overrides=postgres_instance_overrides(prod_services)) as instance:
         instance.wipe()  # the session's `dagster` database may hold another module's runs
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert type(instance.event_log_storage).__name__ == "PooledPostgresEventLogStorage"
         write_named_tiny_store(resources["stage3"].store_url(), resources["stage3"].metadata_url)
         materialize(resources, instance, ["stage3_store"])
         comic_ids = resources["stage3"].open().comic_ids()
