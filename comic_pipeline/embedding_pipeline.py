@@ -41,17 +41,19 @@ class ComicInput:
         load() returns the comic's features (all stored modalities unless given; the reader
         checks masks and values of what it reads, so a bad comic fails before anything of it is
         written). Without a known content_hash, load() reads every modality once and hashes what
-        it read; with a subset of modalities and no hash it validates the whole comic first.
+        it read; with a subset of modalities and no hash it validates the whole comic first, in
+        the same single read of every array (the subset is kept, the rest dropped).
         With `pinned_hash` (the hash its validation recorded), a comic whose content differs
         fails with store.Stage3Changed instead of being embedded.
         """
         def load() -> PageFeatures:
             if comic.content_hash is not None:  # `comic` is bound below
                 return reader.features(modalities)
-            if modalities is None:
+            if modalities is None or frozenset(modalities) <= reader.modalities:
                 features, summary = reader.validated_features()
                 comic.content_hash = summary.content_hash
-            else:
+                features = features if modalities is None else features.only(modalities)
+            else:  # validated first, then the read names the modality the comic lacks
                 comic.content_hash = reader.validate().content_hash
                 features = reader.features(modalities)
             if pinned_hash is not None:

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -85,6 +85,15 @@ class PageFeatures:
     @property
     def modalities(self) -> frozenset[str]:
         return frozenset(name for name in MODALITIES if getattr(self, name) is not None)
+
+    def only(self, modalities: Iterable[str]) -> "PageFeatures":
+        """The same pages with only `modalities` (each must be held; text keeps its text_mask)."""
+        wanted = frozenset(modalities)
+        if not wanted <= self.modalities:
+            raise ValueError(f"PageFeatures: modalities {sorted(wanted - self.modalities)} are not held "
+                             f"(held: {sorted(self.modalities)})")
+        dropped = {name: None for name in MODALITIES if name not in wanted}
+        return dataclasses.replace(self, **dropped, **({"text_mask": None} if "text" in dropped else {}))
 
     def select(self, rows: np.ndarray) -> "PageFeatures":
         """The same features restricted to `rows` (a new page table)."""

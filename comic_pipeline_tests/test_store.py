@@ -765,6 +765,23 @@ def test_a_comics_arrays_are_read_in_one_trip_and_not_kept(tiny_native_store, mo
     assert Stage3Store.open(url).comic("beta").validate().content_hash == summary.content_hash
 
 
+def test_an_embedding_input_of_some_modalities_reads_the_comic_once(tiny_native_store, monkeypatch):
+    from comic_pipeline.embedding_pipeline import ComicInput
+
+    url, _ = tiny_native_store
+    trips = []
+    real_sync = store.zarr_sync
+    monkeypatch.setattr(store, "zarr_sync", lambda coroutine: trips.append(1) or real_sync(coroutine))
+    comic = ComicInput.from_reader(Stage3Store.open(url).comic("beta"), ["fused", "text"])
+    features = comic.load()
+    assert len(trips) == 1  # validated and read in one trip, not validated and then read again
+    assert features.modalities == {"fused", "text"} and features.text_mask is not None
+    # the hash is the whole comic's (every modality), as validation records it
+    assert comic.content_hash == Stage3Store.open(url).comic("beta").validate().content_hash
+    fused_only = ComicInput.from_reader(Stage3Store.open(url).comic("beta"), ["fused"]).load()
+    assert fused_only.modalities == {"fused"} and fused_only.text_mask is None
+
+
 def test_a_broken_array_fails_its_own_read_and_leaves_nothing_held(tiny_native_store):
     url, written = tiny_native_store
     chunk = os.path.join(url, "comics", "beta", "caption", "c", "0", "0", "0")  # read first
