@@ -144,19 +144,29 @@ def array_files(name: str, data: np.ndarray) -> dict[str, bytes]:
     return files
 
 
-def put_files(url: str, files: Mapping[str, bytes | memoryview]) -> None:
-    """Write `files` ({path relative to url: bytes}) under `url`; remote writes go out together."""
+def put_files(url: str, files: Mapping[str, bytes | memoryview], *, durable: bool = False) -> None:
+    """Write `files` ({path relative to url: bytes}) under `url`; remote writes go out together.
+
+    durable (local disks): every file and folder is on the disk (fsync) when this returns, so a
+    commit that names them afterwards cannot, after a power loss, name files the disk never got.
+    An object store's PUT is durable once acknowledged."""
     base = local_path(url)
     if base is not None:
-        made: set[str] = set()
+        changed: set[str] = set()  # folders that gained an entry: a file or a new folder
         for relative, data in files.items():
             target = os.path.join(base, relative)
             folder = os.path.dirname(target)
-            if folder not in made:
+            if folder not in changed:
+                new_folders = fileio.missing_folders(folder)
                 os.makedirs(folder, exist_ok=True)
-                made.add(folder)
+                changed.update(new_folders, (os.path.dirname(new) for new in new_folders), [folder])
             with open(target, "wb") as handle:
                 handle.write(data)
+                if durable:
+                    os.fsync(handle.fileno())
+        if durable:
+            for folder in sorted(changed, key=len, reverse=True):  # deepest first
+                fileio.fsync_folder(folder)
         return
     fs, path = url_to_fs(url)
     fs.pipe({f"{path.rstrip('/')}/{relative}": bytes(data) for relative, data in files.items()})  # concurrent on s3fs

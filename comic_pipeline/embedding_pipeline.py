@@ -21,6 +21,9 @@ from comic_pipeline.schema import PageFeatures, join_pages
 from comic_pipeline.stage3_checks import check_pins
 
 READERS = 4  # comics loading at once ahead of the encoder
+# comic commits in flight behind it: a durable commit mostly waits for the disk (fsync), so a few
+# overlap each other and the encoder; memory stays flat (at most this many comics' outputs)
+WRITERS = 4
 
 
 @dataclass
@@ -203,15 +206,15 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
                     on_comic_failed: Callable[[ComicInput, Exception], None] | None = None,
                     dtype: str = "float32", extra_attrs: dict | None = None,
                     background_write: bool = True, prefetch: bool = True,
-                    readers: int = READERS) -> list[WrittenComic]:
+                    readers: int = READERS, writers: int = WRITERS) -> list[WrittenComic]:
     """Embed comics in shared batches and commit each one as soon as all its pages are done.
 
     encode(batch) takes PageFeatures of up to batch_pages pages (possibly from several comics,
     in order; comics with different modalities share a batch with the modalities they all have)
     and returns (panels (n, P, D_out), strips (n, D_out)). Comics are loaded in order by
-    `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comic groups
-    are committed by a helper thread, at most one write in flight (background_write).
-    on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
+    `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comics are
+    committed by `writers` helper threads behind it (background_write; False: in the caller's
+    thread), at most `writers` in flight, reported in input order. on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
     commit. With on_comic_failed(comic, error), a comic whose pages fail to load or check is
     reported to it and left out while the others are embedded (without it the error ends the
     run); an encoder or write failure always ends the run. Returns the written comics in input
@@ -219,6 +222,8 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
     """
     if batch_pages < 1:
         raise ValueError(f"batch_pages must be at least 1, got {batch_pages}")
+    if writers < 1:
+        raise ValueError(f"writers must be at least 1, got {writers}")
     ensure_root(url)
     written: list[WrittenComic] = []
     in_flight: deque[_PendingComic] = deque()  # comics started, not yet written, in input order
@@ -248,7 +253,7 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
         if on_comic_written is not None:
             on_comic_written(record.comic_id, record.n_pages, seconds)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-writer") as writer:
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="embedding-writer") as writer:
         for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0,
                                                   on_comic_failed):
             in_flight.extend(started)
@@ -274,7 +279,7 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
             # comics finish in input order; hand every finished one to the writer
             while in_flight and in_flight[0].done_pages == len(in_flight[0].comic.page_ids):
                 pending = in_flight.popleft()
-                while writes:  # at most one write in flight: memory stays flat
+                while len(writes) >= writers:  # a few writes in flight: memory stays flat
                     report_oldest()
                 if background_write:
                     writes.append((pending, writer.submit(write, pending)))

@@ -17,7 +17,9 @@ groups, and the comic group's own zarr.json as the pointer to the current one, w
 partitions; the original name is the attr ``comic_name``.
 
 Why this is complete-or-nothing everywhere: a writer puts a whole new version group (a fresh
-name, so no writer ever touches another's files), then replaces the pointer in ONE atomic step
+name, so no writer ever touches another's files; on a local disk its files and folders are fsynced
+first, so even after a power loss the pointer never names data the disk did not get), then
+replaces the pointer in ONE atomic step
 (os.replace locally; a single PUT on an object store, which replaces an object whole). A reader
 reads the pointer, then the version it names: the old comic or the new one, never a mix, never
 none. Concurrent writers of one comic both succeed (the last pointer wins; both versions are
@@ -215,7 +217,7 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
     files.update(array_files("panel_mask", mask))
     pointer_url = fileio.join(comic_url, "zarr.json")
     earlier = read_json(pointer_url)  # a rewrite leaves a version to collect later
-    put_files(fileio.join(comic_url, version), files)  # the whole version, invisible until...
+    put_files(fileio.join(comic_url, version), files, durable=True)  # the whole version, on disk, invisible until...
     fileio.atomic_write_bytes(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
     if earlier is not None:
         collect_garbage(comic_url, grace_seconds=gc_grace_seconds)

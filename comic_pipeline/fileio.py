@@ -72,6 +72,27 @@ def read_bytes(url: str) -> bytes:
 
 
 # --- one file ---------------------------------------------------------------------------------
+def missing_folders(folder: str) -> list[str]:
+    """`folder` and those of its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while folder and not os.path.isdir(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
+def fsync_folder(folder: str) -> None:
+    """Put a local folder's entries (names created, renamed or removed in it) on the disk."""
+    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _write_local_temporary(path: str, data: bytes) -> str:
     parent = os.path.dirname(path)
     if parent:
@@ -95,6 +116,7 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
             raise
+        fsync_folder(os.path.dirname(path) or ".")  # the new name survives a power loss too
     else:
         # One put: the object appears whole once the upload completes, or not at all.
         fs.pipe_file(path, data)

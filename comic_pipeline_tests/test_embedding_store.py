@@ -182,6 +182,39 @@ def test_crash_before_commit_leaves_the_old_comic_and_nothing_visible(store_url,
     assert comic.attrs["model_version"] == "1" and comic.strip_embeddings.shape == (6, D_OUT)
 
 
+def test_a_local_commit_is_on_the_disk_before_the_pointer_names_it(tmp_path, monkeypatch):
+    """Power loss: the pointer must never name files or folders the disk has not got. Every file
+    and folder of the new version (and the folders that gained it) is fsynced before the pointer
+    is replaced, and the pointer's folder after."""
+    url = str(tmp_path / "ctx.zarr")
+    write(url, "beta")  # the root and the comic exist: this test is about a rewrite
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def recording_replace(source, target):
+        replaced.append((target, len(synced)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write(url, "beta", version="2")
+    monkeypatch.undo()
+    comic_dir = os.path.realpath(os.path.join(url, "comics", "beta"))
+    pointer = os.path.join(comic_dir, "zarr.json")
+    [(target, synced_before)] = [(t, n) for t, n in replaced if os.path.realpath(t) == pointer]
+    version = zarr.open_group(url, mode="r")["comics/beta"].attrs["current"]
+    version_dir = os.path.join(comic_dir, version)
+    on_disk = {os.path.join(folder, name) for folder, _, names in os.walk(version_dir) for name in names}
+    on_disk |= {folder for folder, _, _ in os.walk(version_dir)} | {comic_dir}
+    before = set(synced[:synced_before])
+    assert on_disk <= before, sorted(on_disk - before)  # all of the version, before the commit
+    assert synced[-1] == comic_dir  # then the pointer's new name itself
+
+
 def test_rewrite_commits_a_new_version_and_collects_old_ones(store_url):
     write(store_url, "beta", n_pages=6, seed=1, version="1")
     write(store_url, "beta", n_pages=2, seed=2, version="2")
