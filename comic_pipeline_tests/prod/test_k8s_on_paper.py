@@ -69,6 +69,11 @@ def test_production_dagster_yaml_validates_against_dagsters_schema(deploy_env, t
     assert {key: raw[key] for key in ("run_storage", "event_log_storage", "schedule_storage")} == \
         postgres_storage_config(postgres_db, **pool)
     assert raw["concurrency"]["pools"]["default_limit"] >= 1
+    # a run that failed on purpose (a gate, a refused champion) is not retried; a dead pod is
+    assert raw["run_retries"] == {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False}
+    helm = yaml.safe_load((DEPLOY / "helm-values.yaml").read_text())
+    assert helm["dagsterDaemon"]["runRetries"] == {"enabled": True, "maxRetries": 1,
+                                                   "retryOnAssetOrOpFailure": False}
 
 
 @pytest.mark.parametrize("section, typo", [
