@@ -9,10 +9,11 @@ Figures (one table):
   (io) the I/O path alone: the same read -> (identity encoder) -> commit pipeline in pages/s,
       beside the raw limit: the same bytes read and written as plain numpy files on the same disk,
       and their ratio (target >= 0.5);
-  (d) output-store candidates writing the same contextualized arrays: this store's commit
-      layout (raw Zarr v3 version group + pointer), zarr-python groups renamed into place (the
-      previous store), Icechunk (a commit per comic, and per 64 comics) when installed, beside
-      plain numpy files;
+  (d) output-store candidates writing the same contextualized arrays, one comic after another:
+      this store's commit layout (raw Zarr v3 version group fsynced, then the pointer), the same
+      without fsync (the cost of durability), zarr-python groups renamed into place (the previous
+      store), Icechunk (a commit per comic, and per 64 comics) when installed, beside plain numpy
+      files (not fsynced);
   (c) hook for the Dagster overhead of a 200-comic backfill vs pure compute: this script measures
       the pure-compute half (backfill_pure_compute_seconds); the Dagster half is registered in
       DAGSTER_BACKFILL_HOOK by the Dagster layer's benchmark.
@@ -278,7 +279,7 @@ def _outputs(stage3_url: str, limit: int) -> list[tuple[str, dict[str, np.ndarra
     return outputs
 
 
-def _write_commit_layout(url: str, outputs) -> None:
+def _write_commit_layout(url: str, outputs, durable: bool = True) -> None:
     from comic_pipeline import embedding_store
 
     for key, arrays, page_ids in outputs:
@@ -286,7 +287,7 @@ def _write_commit_layout(url: str, outputs) -> None:
                                     strip_embeddings=arrays["strip_embeddings"],
                                     panel_mask=arrays["panel_mask"], page_ids=page_ids,
                                     model_name="bench", model_version="0", mlflow_run_id=None,
-                                    stage3_content_hash="h")
+                                    stage3_content_hash="h", durable=durable)
 
 
 def _write_renamed_zarr_groups(url: str, outputs) -> None:
@@ -344,7 +345,9 @@ def measure_store_candidates(stage3_url: str, folder: str, limit: int) -> list[t
     megabytes = sum(a.nbytes for _, arrays, _ in outputs for a in arrays.values()) / 2**20
     candidates = [
         ("plain numpy files (limit)", _write_numpy_files),
-        ("commit layout (this store)", _write_commit_layout),
+        ("commit layout (this store: versions fsynced before the pointer)", _write_commit_layout),
+        ("commit layout without fsync (what durability costs)",
+         lambda url, out: _write_commit_layout(url, out, durable=False)),
         ("zarr-python groups + rename (previous store)", _write_renamed_zarr_groups),
     ]
     if importlib.util.find_spec("icechunk") is not None:

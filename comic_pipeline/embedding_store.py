@@ -175,7 +175,7 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
                 model_name: str, model_version: str, mlflow_run_id: str | None,
                 stage3_content_hash: str, extra_attrs: dict | None = None,
                 dtype: str = "float32", name: str | None = None,
-                gc_grace_seconds: float = GC_GRACE_SECONDS) -> str:
+                gc_grace_seconds: float = GC_GRACE_SECONDS, durable: bool = True) -> str:
     """Write one comic's contextualized embeddings as a new version and commit it; returns the
     comic group's URL.
 
@@ -183,6 +183,8 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
     panel_embeddings (pages, P, D), strip_embeddings (pages, D), panel_mask (pages, P) bool.
     Padded slots are stored as zeros. dtype: storage dtype, "float32" or "float16" (read back
     as float32). Re-writing a comic commits a new version; readers switch to it in one step.
+    durable=False skips the fsyncs of a local version (a power loss may then leave a pointer to
+    data the disk never got): for scratch stores and for measuring what durability costs.
     """
     key, name = _key_and_name(comic_id, name)
     if dtype not in STORAGE_DTYPES:
@@ -217,7 +219,7 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
     files.update(array_files("panel_mask", mask))
     pointer_url = fileio.join(comic_url, "zarr.json")
     earlier = read_json(pointer_url)  # a rewrite leaves a version to collect later
-    put_files(fileio.join(comic_url, version), files, durable=True)  # the whole version, on disk, invisible until...
+    put_files(fileio.join(comic_url, version), files, durable=durable)  # the whole version, invisible until...
     fileio.atomic_write_bytes(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
     if earlier is not None:
         collect_garbage(comic_url, grace_seconds=gc_grace_seconds)
