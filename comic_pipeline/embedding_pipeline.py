@@ -214,8 +214,8 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
     and returns (panels (n, P, D_out), strips (n, D_out)). Comics are loaded in order by
     `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comics are
     committed by `writers` helper threads behind it (background_write; False: in the caller's
-    thread), at most `writers` in flight, reported in input order. on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
-    commit. With on_comic_failed(comic, error), a comic whose pages fail to load or check is
+    thread), at most `writers` in flight, reported in input order. on_comic_written(comic_id,
+    n_pages, seconds) is called in the caller's thread after each commit. With on_comic_failed(comic, error), a comic whose pages fail to load or check is
     reported to it and left out while the others are embedded (without it the error ends the
     run); an encoder or write failure always ends the run. Returns the written comics in input
     order.
