@@ -215,10 +215,10 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
     `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comics are
     committed by `writers` helper threads behind it (background_write; False: in the caller's
     thread), at most `writers` in flight, reported in input order. on_comic_written(comic_id,
-    n_pages, seconds) is called in the caller's thread after each commit. With on_comic_failed(comic, error), a comic whose pages fail to load or check is
-    reported to it and left out while the others are embedded (without it the error ends the
-    run); an encoder or write failure always ends the run. Returns the written comics in input
-    order.
+    n_pages, seconds) is called in the caller's thread after each commit. With
+    on_comic_failed(comic, error), a comic whose pages fail to load or check is reported to it
+    and left out while the others are embedded (without it the error ends the run); an encoder
+    or write failure always ends the run. Returns the written comics in input order.
     """
     if batch_pages < 1:
         raise ValueError(f"batch_pages must be at least 1, got {batch_pages}")
