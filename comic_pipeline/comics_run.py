@@ -68,6 +68,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def task_config(args: argparse.Namespace) -> tasks.TaskConfig:
+    """The generated tasks' settings of this run, the same in the graph and in k-fold."""
+    return tasks.TaskConfig(seed=args.seed, samples_per_page=args.samples_per_page,
+                            match_similarity=args.match_similarity)
+
+
 def run(args: argparse.Namespace, log=print) -> dict:
     started = time.perf_counter()
     root = comics_home(args.home)
@@ -129,8 +135,8 @@ def run_graph(args, root: str, store_url: str, folds, log) -> dict:
                 "seed": args.seed, "log_every": 100,
                 **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     run_config = {"ops": {
-        "task_datasets": {"config": {"seed": args.seed, "samples_per_page": args.samples_per_page,
-                                     "match_similarity": args.match_similarity}},
+        "task_datasets": {"config": {name: getattr(task_config(args), name)
+                                     for name in ("seed", "samples_per_page", "match_similarity")}},
         "sequence_model": {"config": training},
         "comics_evaluation": {"config": {"folds": ",".join(f.path for f in folds), "limit": args.limit,
                                          "seed": args.seed, "encoder_device": args.encoder_device}},
@@ -218,7 +224,7 @@ def train_and_score(args, root, label, features, split_of, folds, encoder, log) 
     """Steps 5-8 for one split: task datasets, training, internal figures, COMICS outcomes."""
     counts = {s: sum(1 for c in split_of.values() if c == s) for s in schema.SPLITS}
     # 5. task datasets (tasks/*)
-    config = tasks.TaskConfig(seed=args.seed, samples_per_page=args.samples_per_page)
+    config = task_config(args)
     datasets, skipped = {}, {}
     for task in schema.TASK_NAMES:
         try:

@@ -212,6 +212,15 @@ def test_kfold_by_book_tests_every_book_once_and_pools_the_rows():
     assert (row.n_rows, row.n_books, row.accuracy) == (4, 3, 0.75)
 
 
+def test_the_graph_and_kfold_generate_tasks_with_the_same_settings():
+    # real comics train without similarity matching, in the graph and in every k-fold part alike
+    default = comics_run.task_config(comics_run.parse_args([]))
+    assert default.match_similarity is False
+    assert comics_run.task_config(comics_run.parse_args(["--match-similarity"])).match_similarity is True
+    assert comics_run.task_config(comics_run.parse_args(["--samples-per-page", "7", "--seed", "3"])) == \
+        tasks.TaskConfig(seed=3, samples_per_page=7, match_similarity=False)
+
+
 def test_model_errors_are_shown_as_rows():
     arrays = _arrays(cf.TEXT_CLOZE, [(("w1 x",), ("w2 y",), ("w3 z",))] * 2, [0, 1], [(("w1 a",), (), ())] * 2)
     (example,) = ce.error_examples(arrays, np.array([0, 2]))
