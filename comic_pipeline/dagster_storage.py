@@ -4,12 +4,13 @@ dagster-postgres opens a new PostgreSQL connection for every event it stores (a 
 an idle DagsterInstance holds no connection). A backfill of contextualized_embeddings stores two
 events per comic (planned, then materialized), and a new connection costs several times the write
 itself: 40.8 vs 6.7 ms per stored materialization, NullPool vs a pool of one, in one run on one
-PostgreSQL with fsync on; the liveness check below adds about 0.1 ms. `benchmarks/dagster_backfill.py
---instances postgres,postgres-pooled` has the figure for a whole backfill. PooledPostgresEventLogStorage is dagster-postgres's own event log storage with
-its engine on a small pool instead: at most `pool_size` idle connections per process (a run
-process, the daemon, the webserver), `max_overflow` more while threads write at once, checked
-before use (`pool_pre_ping`: a connection the server or a proxy dropped is replaced, not failed on)
-and recycled after `pool_recycle` seconds. Runs and schedules keep dagster-postgres's storages.
+PostgreSQL with fsync on; the liveness check below adds about 0.1 ms.
+`benchmarks/dagster_backfill.py --instances postgres,postgres-pooled` has the figure for a whole
+backfill. PooledPostgresEventLogStorage is dagster-postgres's own event log storage with its engine
+on a small pool instead: at most `pool_size` idle connections per process (a run process, the
+daemon, the webserver), `max_overflow` more while threads write at once, checked before use
+(`pool_pre_ping`: a connection the server or a proxy dropped is replaced, not failed on) and
+recycled after `pool_recycle` seconds. Runs and schedules keep dagster-postgres's storages.
 
 `postgres_storage_config(postgres_db)` is the instance config of deploy/dagster.yaml in code, for
 tests and benchmarks that build the same instance on a throwaway cluster.
