@@ -135,8 +135,8 @@ def run_graph(args, root: str, store_url: str, folds, log) -> dict:
                 "seed": args.seed, "log_every": 100,
                 **({"max_steps": args.max_steps} if args.max_steps is not None else {})}
     run_config = {"ops": {
-        "task_datasets": {"config": {name: getattr(task_config(args), name)
-                                     for name in ("seed", "samples_per_page", "match_similarity")}},
+        "task_datasets": {"config": {name: value for name, value in vars(task_config(args)).items()
+                                     if name in ("seed", "samples_per_page", "match_similarity")}},
         "sequence_model": {"config": training},
         "comics_evaluation": {"config": {"folds": ",".join(f.path for f in folds), "limit": args.limit,
                                          "seed": args.seed, "encoder_device": args.encoder_device}},
