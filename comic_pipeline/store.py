@@ -18,14 +18,14 @@ Comics are identified by their *key* (comic_names.comic_key of the name: the Dag
 key); the name is kept for people (ComicReader.name, summaries, errors).
 
 Reading is lazy: opening a store and listing comics reads attributes and metadata only; a comic
-reads only its own group (native) or its own rows (legacy). Everything read is validated and comes
+reads only its own group (native; on a local disk straight from its chunk files when their
+encoding allows, stage3_native) or its own rows (legacy). Everything read is validated and comes
 back float32 with padded slots zeroed. One bad comic never stops the store from opening or listing:
 its problem is raised by ``comic(key)`` and reported by ``quarantined()``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from dataclasses import dataclass
@@ -33,7 +33,6 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync as zarr_sync
 
 from comic_pipeline import fileio
 from comic_pipeline.comic_groups import COMICS, list_children, page_chunks, read_json, root_format_problem
@@ -44,6 +43,7 @@ from comic_pipeline.stage3_checks import Stage3Changed, Stage3StoreError, check_
     check_masks, check_pins, check_page_ids, check_prefix, comic_error, validate_comic_arrays, zero_padding
 from comic_pipeline.stage3_legacy import LEGACY_EMBEDDINGS, LEGACY_MASKS, LegacyArrays, LegacyIndex, \
     read_legacy_metadata
+from comic_pipeline.stage3_native import DirectComicArrays, ZarrComicArrays, open_comic_group
 
 FORMAT = "comic-stage3"
 VERSION = 1
@@ -78,55 +78,12 @@ class QuarantinedComic:
     error: str
 
 
-class _NativeArrays:
-    """A comic group of the native layout."""
-
-    def __init__(self, group: zarr.Group):
-        self._arrays = dict(group.arrays())  # array handles: metadata only, read once
-        self.specs = {name: (tuple(array.shape), np.dtype(array.dtype))
-                      for name, array in self._arrays.items()}
-        self._fetched: dict[str, np.ndarray | BaseException] = {}
-
-    def fetch(self, names: Iterable[str]) -> None:
-        """Read the arrays `names` together: one trip to zarr's event loop, their chunks fetched
-        and decoded concurrently (instead of one blocking trip per array: most of the cost of a
-        small comic). Each is handed out, or its read error raised, by the next read(name);
-        drop_fetched() forgets what was not asked for."""
-        names = [name for name in dict.fromkeys(names) if name in self._arrays and name not in self._fetched]
-        if len(names) < 2:
-            return  # nothing to share a trip with
-
-        async def read_all():
-            return await asyncio.gather(*(self._arrays[name].async_array.getitem(...) for name in names),
-                                        return_exceptions=True)
-
-        for name, value in zip(names, zarr_sync(read_all())):
-            # errors are kept for read(name), so a comic's first problem is still the first one met
-            if isinstance(value, BaseException) and not isinstance(value, Exception):
-                raise value  # KeyboardInterrupt, cancellation: not a problem of this comic
-            self._fetched[name] = value if isinstance(value, Exception) else np.asarray(value)
-
-    def drop_fetched(self) -> None:
-        self._fetched.clear()
-
-    def read(self, name: str) -> np.ndarray:
-        fetched = self._fetched.pop(name, None)
-        if isinstance(fetched, Exception):
-            raise fetched
-        if fetched is not None:
-            return fetched
-        return np.asarray(self._arrays[name][...])
-
-    def check_panel_mask(self, comic: str, page_ids: Sequence[str], mask: np.ndarray) -> None:
-        pass  # the prefix and emptiness checks say everything for the native layout
-
-
 # --- one comic ---------------------------------------------------------------------------------
 class ComicReader:
     """Validated, lazy access to one comic. Arrays are read when asked for, never at creation."""
 
     def __init__(self, comic_id: str, name: str, title: str, page_ids: list[str],
-                 source: _NativeArrays | LegacyArrays, *, dim: int, max_panels: int,
+                 source: ZarrComicArrays | DirectComicArrays | LegacyArrays, *, dim: int, max_panels: int,
                  strict_dtypes: bool = True):
         self.comic_id = comic_id  # the key: partition key, output group name
         self.name = name  # what the collection calls it
@@ -387,17 +344,10 @@ class Stage3Store:
             return ComicReader(comic_id, entry.name, entry.name, list(entry.page_ids), source,
                                dim=self.dim, max_panels=self.max_panels, strict_dtypes=False)
         name, folder = entry
-        try:
-            group = self._root[f"{COMICS_GROUP}/{folder}"]
-        except (KeyError, FileNotFoundError, ValueError, zarr.errors.BaseZarrError) as exc:
-            raise comic_error(name, None, f"group {COMICS_GROUP}/{folder} cannot be opened "
-                                          f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(group, zarr.Group):
-            raise comic_error(name, None, "is an array, expected a comic group")
-        attrs = dict(group.attrs)
+        attrs, arrays = open_comic_group(self._root, self.url, f"{COMICS_GROUP}/{folder}", name)
         page_ids = check_page_ids(name, attrs.get("page_ids"))
-        return ComicReader(comic_id, name, str(attrs.get("title", name)), page_ids,
-                           _NativeArrays(group), dim=self.dim, max_panels=self.max_panels)
+        return ComicReader(comic_id, name, str(attrs.get("title", name)), page_ids, arrays,
+                           dim=self.dim, max_panels=self.max_panels)
 
     def quarantined(self) -> dict[str, QuarantinedComic]:
         """Comics whose listing or layout (metadata only: groups, attrs, shapes, dtypes) is bad,

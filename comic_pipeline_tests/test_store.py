@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import zarr
 
-from comic_pipeline import store
+from comic_pipeline import stage3_native, store, zarr_chunks
 from comic_pipeline.comic_names import comic_key
 from comic_pipeline.store import Stage3Store, Stage3StoreError
 
@@ -673,9 +673,10 @@ def test_legacy_empty_page_and_nan(tmp_path):
 
 # --- laziness ------------------------------------------------------------------------------------
 class ChunkReads:
-    """Counts the store keys zarr fetches (LocalStore.get), so tests can see what was read."""
+    """Counts the store keys read (relative to the store): zarr's fetches (LocalStore.get) and,
+    under `root`, the files the direct reader opens (stage3_native, zarr_chunks)."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, root: str | None = None):
         self.keys: list[str] = []
         real_get = zarr.storage.LocalStore.get
 
@@ -684,6 +685,15 @@ class ChunkReads:
             return await real_get(store_self, key, *args, **kwargs)
 
         monkeypatch.setattr(zarr.storage.LocalStore, "get", counting_get)
+        if root is not None:
+            for module, function in ((zarr_chunks, "read_chunk_file"), (stage3_native, "_json_document")):
+                real = getattr(module, function)
+
+                def counting(path, real=real):
+                    self.keys.append(os.path.relpath(path, root).replace(os.sep, "/"))
+                    return real(path)
+
+                monkeypatch.setattr(module, function, counting)
 
     def chunks(self, array_prefix: str) -> set[str]:
         return {key for key in self.keys if key.startswith(array_prefix + "/") and not is_metadata(key)}
@@ -721,7 +731,7 @@ def test_legacy_reads_are_lazy_and_only_a_comics_rows(tmp_path, monkeypatch):
 
 def test_native_open_and_listing_read_no_chunks(tiny_native_store, monkeypatch):
     url, _ = tiny_native_store
-    reads = ChunkReads(monkeypatch)
+    reads = ChunkReads(monkeypatch, root=url)
     opened = Stage3Store.open(url)
     assert opened.comic_ids() == ["alpha", "beta", "gamma"]
     assert opened.modalities() == {"fused", "visual", "text", "caption"}
@@ -745,36 +755,68 @@ def test_text_boxes_of_padded_panels_count_as_padding(empty_store, good_comic):
     assert (comic.read("text")[padded_panel[0], padded_panel[1]] == 0).all()
 
 
-def test_a_comics_arrays_are_read_in_one_trip_and_not_kept(tiny_native_store, monkeypatch):
-    url, written = tiny_native_store
+@pytest.fixture(params=["direct", "zarr"])
+def native_reader(request, monkeypatch) -> str:
+    """Which reader a native comic gets: "direct" (a local disk, every encoding zarr_chunks reads)
+    or "zarr" (what an object store gets: zarr-python, its arrays fetched in one trip)."""
+    if request.param == "zarr":
+        monkeypatch.setattr(stage3_native, "local_path", lambda url: None)
+    return request.param
+
+
+def zarr_trips(monkeypatch) -> list:
+    """One entry per trip to zarr's event loop by the zarr reader."""
     trips = []
-    real_sync = store.zarr_sync
-    monkeypatch.setattr(store, "zarr_sync", lambda coroutine: trips.append(1) or real_sync(coroutine))
+    real_sync = stage3_native.zarr_sync
+    monkeypatch.setattr(stage3_native, "zarr_sync", lambda coroutine: trips.append(1) or real_sync(coroutine))
+    return trips
+
+
+def chunks_read_once_each(reads: ChunkReads, comic: str, arrays: set[str]) -> bool:
+    chunk_keys = [key for key in reads.keys if not is_metadata(key)]
+    return (len(chunk_keys) == len(set(chunk_keys))
+            and {key.split("/")[2] for key in chunk_keys} == arrays
+            and all(key.startswith(f"comics/{comic}/") for key in chunk_keys))
+
+
+def test_a_comics_arrays_are_read_once_and_not_kept(tiny_native_store, monkeypatch, native_reader):
+    url, written = tiny_native_store
+    trips = zarr_trips(monkeypatch)
     reader = Stage3Store.open(url).comic("beta")
+    assert isinstance(reader._source, {"direct": stage3_native.DirectComicArrays,
+                                       "zarr": stage3_native.ZarrComicArrays}[native_reader])
+    reads = ChunkReads(monkeypatch, root=url)
     features, summary = reader.validated_features()
-    assert len(trips) == 1  # the masks and all four modalities together
-    assert reader._source._fetched == {}  # the reader lives through a run: it holds no arrays
+    assert chunks_read_once_each(reads, "beta", set(written["beta"]))  # every array, each once
+    if native_reader == "zarr":
+        assert len(trips) == 1  # the masks and all four modalities together
+        assert reader._source._fetched == {}  # the reader lives through a run: it holds no arrays
+    else:
+        assert trips == []  # no zarr-python at all
     mask = written["beta"]["panel_mask"]
     for modality, array in (("fused", "panel_embeddings"), ("visual", "visual"), ("caption", "caption")):
         np.testing.assert_array_equal(getattr(features, modality), zeroed(written["beta"][array], mask))
     text_valid = written["beta"]["text_mask"] & mask[:, :, None]
     np.testing.assert_array_equal(features.text, zeroed(written["beta"]["text"], text_valid))
     np.testing.assert_array_equal(features.text_mask, text_valid)
-    # the same content hash as array-by-array reads (no fetch on this source)
-    monkeypatch.setattr(store._NativeArrays, "fetch", property(lambda self: None))
+    # the same content hash as zarr-python's array-by-array reads (no fetch, no direct reader)
+    monkeypatch.setattr(stage3_native, "local_path", lambda url: None)
+    monkeypatch.setattr(stage3_native.ZarrComicArrays, "fetch", property(lambda self: None))
     assert Stage3Store.open(url).comic("beta").validate().content_hash == summary.content_hash
 
 
-def test_an_embedding_input_of_some_modalities_reads_the_comic_once(tiny_native_store, monkeypatch):
+def test_an_embedding_input_of_some_modalities_reads_the_comic_once(tiny_native_store, monkeypatch,
+                                                                     native_reader):
     from comic_pipeline.embedding_pipeline import ComicInput
 
-    url, _ = tiny_native_store
-    trips = []
-    real_sync = store.zarr_sync
-    monkeypatch.setattr(store, "zarr_sync", lambda coroutine: trips.append(1) or real_sync(coroutine))
+    url, written = tiny_native_store
+    trips = zarr_trips(monkeypatch)
     comic = ComicInput.from_reader(Stage3Store.open(url).comic("beta"), ["fused", "text"])
+    reads = ChunkReads(monkeypatch, root=url)
     features = comic.load()
-    assert len(trips) == 1  # validated and read in one trip, not validated and then read again
+    # validated and read once, not validated and then read again
+    assert chunks_read_once_each(reads, "beta", set(written["beta"]))
+    assert len(trips) == (1 if native_reader == "zarr" else 0)
     assert features.modalities == {"fused", "text"} and features.text_mask is not None
     # the hash is the whole comic's (every modality), as validation records it
     assert comic.content_hash == Stage3Store.open(url).comic("beta").validate().content_hash
@@ -782,16 +824,20 @@ def test_an_embedding_input_of_some_modalities_reads_the_comic_once(tiny_native_
     assert fused_only.modalities == {"fused"} and fused_only.text_mask is None
 
 
-def test_a_broken_array_fails_its_own_read_and_leaves_nothing_held(tiny_native_store):
+def test_a_broken_array_fails_its_own_read_and_leaves_nothing_held(tiny_native_store, native_reader):
     url, written = tiny_native_store
     chunk = os.path.join(url, "comics", "beta", "caption", "c", "0", "0", "0")  # read first
     assert os.path.exists(chunk)
     with open(chunk, "wb") as handle:
         handle.write(b"not a zstd frame")
     reader = Stage3Store.open(url).comic("beta")
-    with pytest.raises(Exception, match="(?i)zstd|decompress|frame|error"):
+    # the direct reader names the comic, the array and the file (validation quarantines it)
+    expected = {"direct": r"comic 'beta', array 'caption': chunk file .*caption.c.0.0.0 cannot be decoded as zstd",
+                "zarr": "(?i)zstd|decompress|frame|error"}[native_reader]
+    with pytest.raises(Stage3StoreError if native_reader == "direct" else Exception, match=expected):
         reader.features()
-    assert reader._source._fetched == {}
+    if native_reader == "zarr":
+        assert reader._source._fetched == {}
     fused = reader.features(["fused", "text"]).fused  # the other arrays still read
     mask = written["beta"]["panel_mask"]
     np.testing.assert_array_equal(fused, zeroed(written["beta"]["panel_embeddings"], mask))
