@@ -23,22 +23,13 @@ import numpy as np
 from fsspec.core import url_to_fs
 
 from comic_pipeline import fileio
+from comic_pipeline.fileio import local_path
 
 COMICS = "comics"  # the group holding one child per comic, in both stores
 CHUNK_TARGET_BYTES = 4 << 20  # a few MiB per chunk: few files, reads not much bigger than asked
 
 
 # --- locations and documents -------------------------------------------------------------------
-def local_path(url: str) -> str | None:
-    """The filesystem path of a local `url` (plain path or file://), None for any other URL.
-    Cheap (no filesystem object): writers call it for every file."""
-    if url.startswith("file://"):
-        return url[len("file://"):]
-    if "://" in url or "::" in url:
-        return None
-    return url
-
-
 def zarr_location(url: str) -> str:
     """What zarr.open_group should get: a plain path for local files (zarr's LocalStore makes
     parent folders; its fsspec store on file:// does not), the URL itself otherwise."""
@@ -152,19 +143,23 @@ def put_files(url: str, files: Mapping[str, bytes | memoryview], *, durable: boo
     An object store's PUT is durable once acknowledged."""
     base = local_path(url)
     if base is not None:
-        changed: set[str] = set()  # folders that gained an entry: a file or a new folder
-        for relative, data in files.items():
-            target = os.path.join(base, relative)
-            folder = os.path.dirname(target)
-            if folder not in changed:
-                new_folders = fileio.missing_folders(folder)
+        targets = {relative: os.path.join(base, relative) for relative in files}
+        folders = sorted({os.path.dirname(target) for target in targets.values()}, key=len)  # parents first
+        created: list[str] = []
+        for folder in folders:
+            try:
+                os.mkdir(folder)
+                created.append(folder)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:  # its parents are missing too
+                created.extend(reversed(fileio.missing_folders(folder)))
                 os.makedirs(folder, exist_ok=True)
-                changed.update(new_folders, (os.path.dirname(new) for new in new_folders), [folder])
-            with open(target, "wb") as handle:
-                handle.write(data)
-                if durable:
-                    os.fsync(handle.fileno())
+        for relative, target in targets.items():
+            fileio.write_local_file(target, files[relative], durable=durable)
         if durable:
+            # folders that gained an entry: each holding a file, each new one's parent
+            changed = set(folders) | set(created) | {os.path.dirname(folder) for folder in created}
             for folder in sorted(changed, key=len, reverse=True):  # deepest first
                 fileio.fsync_folder(folder)
         return

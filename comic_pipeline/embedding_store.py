@@ -41,7 +41,6 @@ plain object writes per comic instead of zarr's per-node machinery): storage spe
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -209,18 +208,18 @@ def write_comic(url: str, comic_id: str, *, panel_embeddings, strip_embeddings, 
         "n_panels": int(mask.sum()),
         "complete": True,
     }
-    json.dumps(attrs)  # fail on unserializable extra attrs before anything is written
+    files = {"zarr.json": group_document(attrs)}  # fails on unserializable extra attrs: nothing written yet
     ensure_root(url)
     comic_url = fileio.join(url, COMICS, key)
     version = _new_version()
-    files = {"zarr.json": group_document(attrs)}
     files.update(array_files("panel_embeddings", panels.astype(dtype, copy=False)))
     files.update(array_files("strip_embeddings", strips.astype(dtype, copy=False)))
     files.update(array_files("panel_mask", mask))
     pointer_url = fileio.join(comic_url, "zarr.json")
     earlier = read_json(pointer_url)  # a rewrite leaves a version to collect later
     put_files(fileio.join(comic_url, version), files, durable=durable)  # the whole version, invisible until...
-    fileio.atomic_write_bytes(pointer_url, group_document({**attrs, "current": version}))  # ...this commit
+    fileio.atomic_write_bytes(pointer_url, group_document({**attrs, "current": version}),  # ...this commit
+                              durable=durable)
     if earlier is not None:
         collect_garbage(comic_url, grace_seconds=gc_grace_seconds)
     return comic_url

@@ -42,6 +42,16 @@ def is_local(url: str) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def local_path(url: str) -> str | None:
+    """The filesystem path of a local `url` (plain path or file://), None for any other URL.
+    Cheap (no filesystem object, unlike is_local): writers call it for every file."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url or "::" in url:
+        return None
+    return url
+
+
 def is_url(location: str) -> bool:
     """True for an fsspec URL that is not a plain local path (s3://, gs://, memory://, ...)."""
     return "://" in location and not location.startswith("file://")
@@ -93,32 +103,52 @@ def fsync_folder(folder: str) -> None:
         os.close(descriptor)
 
 
-def _write_local_temporary(path: str, data: bytes) -> str:
+def _write_local_temporary(path: str, data: bytes, durable: bool = True) -> str:
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
     tmp_path = temporary_sibling(path)
-    with open(tmp_path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_local_file(tmp_path, data, durable=durable)
     return tmp_path
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write `data` to `url`, replacing what was there; readers see the old bytes or the new."""
-    fs, path = url_to_fs(url)
-    if is_local(url):
-        tmp_path = _write_local_temporary(path, data)
+def write_local_file(path: str, data: bytes | memoryview, *, durable: bool) -> None:
+    """Create (or truncate) the local file `path` holding `data`; durable: fsynced before this
+    returns. Plain descriptors: no Python file object for a file written once, whole."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data).cast("B")
+        while view:  # a regular file takes it all in one call unless interrupted
+            written = os.write(descriptor, view)
+            if written == 0:
+                raise OSError(f"{path}: the disk took no bytes")
+            view = view[written:]
+        if durable:
+            os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(url: str, data: bytes, *, durable: bool = True) -> None:
+    """Write `data` to `url`, replacing what was there; readers see the old bytes or the new.
+    Locally the file and its new name are on the disk when this returns (durable=False skips the
+    fsyncs: scratch data only)."""
+    path = local_path(url)
+    if path is None and is_local(url):  # a local URL of another spelling (local://, ...)
+        path = url_to_fs(url)[1]
+    if path is not None:
+        tmp_path = _write_local_temporary(path, data, durable)
         try:
             os.replace(tmp_path, path)  # atomic on one filesystem
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_path)
             raise
-        fsync_folder(os.path.dirname(path) or ".")  # the new name survives a power loss too
+        if durable:
+            fsync_folder(os.path.dirname(path) or ".")  # the new name survives a power loss too
     else:
         # One put: the object appears whole once the upload completes, or not at all.
+        fs, path = url_to_fs(url)
         fs.pipe_file(path, data)
 
 

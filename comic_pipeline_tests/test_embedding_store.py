@@ -153,7 +153,7 @@ def test_write_rejects_bad_input(tmp_path):
 
 # --- commits ----------------------------------------------------------------------------------
 def test_crash_before_commit_leaves_the_old_comic_and_nothing_visible(store_url, monkeypatch):
-    def crash(url, data):
+    def crash(url, data, **options):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(es.fileio, "atomic_write_bytes", crash)
@@ -163,10 +163,10 @@ def test_crash_before_commit_leaves_the_old_comic_and_nothing_visible(store_url,
     write(store_url, "beta", n_pages=6, seed=1, version="1")
     real_write = es.fileio.atomic_write_bytes
 
-    def crash_on_pointer(url, data):
+    def crash_on_pointer(url, data, **options):
         if url.endswith(("/comics/beta/zarr.json", "/comics/gamma/zarr.json")):
             raise RuntimeError("disk full")  # every array of the new version is stored ...
-        real_write(url, data)
+        real_write(url, data, **options)
 
     monkeypatch.setattr(es.fileio, "atomic_write_bytes", crash_on_pointer)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -213,6 +213,25 @@ def test_a_local_commit_is_on_the_disk_before_the_pointer_names_it(tmp_path, mon
     before = set(synced[:synced_before])
     assert on_disk <= before, sorted(on_disk - before)  # all of the version, before the commit
     assert synced[-1] == comic_dir  # then the pointer's new name itself
+
+
+def test_a_scratch_commit_skips_every_fsync_and_is_still_whole(tmp_path, monkeypatch):
+    """durable=False (scratch stores, the benchmark's price of durability): no fsync at all, and
+    the comic reads back the same as a durable one."""
+    url = str(tmp_path / "ctx.zarr")
+    write(url, "beta")  # root and comic exist
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda descriptor: synced.append(descriptor) or real_fsync(descriptor))
+    write(url, "beta", version="2", durable=False)
+    write(url, "gamma", durable=False)
+    assert synced == []
+    monkeypatch.undo()
+    store = es.ContextualizedStore.open(url)
+    assert store.comic_ids() == ["beta", "gamma"]
+    expected_panels, _ = fake_encode(features_of("beta", 3, 0))
+    np.testing.assert_allclose(store.read("beta").panel_embeddings, expected_panels, rtol=1e-6)
+    assert store.read("beta").attrs["model_version"] == "2"
 
 
 def test_rewrite_commits_a_new_version_and_collects_old_ones(store_url):
