@@ -71,6 +71,12 @@ def mlflow_artifact_root(home: str) -> str | None:
     return (Path(home).resolve() / "mlartifacts").as_uri()
 
 
+def model_cache(home: str) -> str | None:
+    """Where run processes keep the models they loaded (Tracking.load_model): `<home>/model_cache`
+    for a local home; None for a URL home (each run's pod starts empty: nothing to keep)."""
+    return None if is_url_home(home) else _under(home, "model_cache")
+
+
 def dagster_home(home: str) -> str:
     """The local Dagster instance folder (`<home>/dagster`). A URL home has no local folder: its
     instance lives in PostgreSQL, configured by deploy/dagster.yaml in DAGSTER_HOME."""

@@ -74,3 +74,44 @@ def test_a_pickled_model_version_is_refused_with_a_clear_error(local_tracking):
 def test_model_artifact_checks_its_format(tmp_path):
     with pytest.raises(model_artifact.ModelArtifactError, match="not a weights"):
         model_artifact.load(str(tmp_path))
+
+
+def test_a_model_loaded_once_with_its_run_id_loads_again_without_mlflow(local_tracking, tmp_path, monkeypatch):
+    """The model cache: the first load (version + run id) goes through MLflow and fills the
+    cache; the next ones read the cache and never reach MLflow; a broken entry is replaced."""
+    import dataclasses
+
+    cached_tracking = dataclasses.replace(local_tracking, model_cache=str(tmp_path / "cache"))
+    model = _model()
+    pages = np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float32)
+    with cached_tracking.start_run("r", tags={}) as run_id:
+        _, version = cached_tracking.log_and_register_model(model, pages, tracking.model_requirements())
+    with torch.no_grad():
+        expected = model(torch.as_tensor(pages)).numpy()
+    mlflow_loads = []
+    real_load = tracking.load_model_uri
+    monkeypatch.setattr(tracking, "load_model_uri", lambda *a, **k: mlflow_loads.append(a) or real_load(*a, **k))
+
+    first = cached_tracking.load_model(version, run_id=run_id)
+    entry = tmp_path / "cache" / "comic-sequence-model" / f"{version}-{run_id}"
+    assert len(mlflow_loads) == 1 and sorted(os.listdir(entry)) == sorted(
+        [model_artifact.CONFIG_FILE, model_artifact.WEIGHTS_FILE])
+    assert [name for name in os.listdir(entry.parent) if name.startswith(".tmp")] == []
+    second = cached_tracking.load_model(version, run_id=run_id)
+    assert len(mlflow_loads) == 1  # from the cache
+    for loaded in (first, second):
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded(torch.as_tensor(pages)).numpy(), expected, rtol=1e-6, atol=1e-6)
+    # without a run id (or a cache) it is MLflow every time: nothing to key the cache by
+    cached_tracking.load_model(version)
+    local_tracking.load_model(version, run_id=run_id)
+    assert len(mlflow_loads) == 3
+    # a broken entry: loaded from MLflow again (with a warning) and the entry rewritten
+    (entry / model_artifact.WEIGHTS_FILE).write_bytes(b"not safetensors")
+    with pytest.warns(UserWarning, match="model cache .* unreadable"):
+        again = cached_tracking.load_model(version, run_id=run_id)
+    assert len(mlflow_loads) == 4
+    with torch.no_grad():
+        np.testing.assert_allclose(again(torch.as_tensor(pages)).numpy(), expected, rtol=1e-6, atol=1e-6)
+    cached_tracking.load_model(version, run_id=run_id)
+    assert len(mlflow_loads) == 4

@@ -96,7 +96,7 @@ def comics_evaluation(
     check = _unseen_test_books(storage, model_ref, comic_splits, split_of_comic)
 
     tracking = mlflow_tracking.tracking()
-    model = tracking.load_model(model_ref.version)
+    model = tracking.load_model(model_ref.version, run_id=model_ref.run_id)
     skipped = {name: ref.skipped for name, ref in model_ref.datasets.items() if ref.skipped}
     outcomes, notes = comics_eval.comics_outcomes(folds, split_of_name, encoder, model,
                                                   model_ref.trained_tasks(), skipped, seed=config.seed)

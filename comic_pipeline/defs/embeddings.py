@@ -71,7 +71,7 @@ def contextualized_embeddings(
     from comic_pipeline import inference  # torch: here, not with the definitions every run loads
 
     device = torch_device.configure()
-    model = tracking.load_model(version)
+    model = tracking.load_model(version, run_id=run_id)  # from the model cache after the first run
     failed: dict[str, str] = {}
 
     def comic_failed(comic: embedding_pipeline.ComicInput, error: Exception) -> None:
@@ -117,18 +117,33 @@ def contextualized_embeddings(
         )
 
 
-def validated_hashes(instance: dg.DagsterInstance, keys: list[str]) -> dict[str, str]:
+def validated_hashes(instance: dg.DagsterInstance, keys: list[str], page_size: int = 500) -> dict[str, str]:
     """{key: content hash its latest stage3_panel_embeddings materialization recorded} for the
-    comics of `keys` that were validated (one indexed query per comic: a run holds ~100)."""
-    hashes = {}
-    for key in keys:
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=STAGE3_PANEL_EMBEDDINGS, asset_partitions=[key]), limit=1
-        ).records
-        materialization = records[0].asset_materialization if records else None
-        entry = materialization.metadata.get("content_hash") if materialization else None
-        if entry is not None:
-            hashes[key] = str(entry.value)
+    comics of `keys` that were validated.
+
+    One query for the whole run (newest first, paged when comics were validated many times),
+    not one per comic: on PostgreSQL the per-comic queries were about 0.6 s of a 100-comic run."""
+    hashes: dict[str, str] = {}
+    seen: set[str] = set()  # partitions whose latest materialization was read
+    cursor = None
+    while len(seen) < len(set(keys)):
+        result = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=STAGE3_PANEL_EMBEDDINGS,
+                                  asset_partitions=sorted(set(keys) - seen)),
+            limit=page_size, cursor=cursor,
+        )
+        for record in result.records:  # newest first: the first record of a comic is its latest
+            materialization = record.asset_materialization
+            key = materialization.partition if materialization else None
+            if key is None or key in seen:
+                continue
+            seen.add(key)
+            entry = materialization.metadata.get("content_hash")
+            if entry is not None:
+                hashes[key] = str(entry.value)
+        if not result.has_more:
+            break
+        cursor = result.cursor
     return hashes
 
 

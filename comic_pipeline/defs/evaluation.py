@@ -90,7 +90,7 @@ def evaluation_assets(
     tracking = mlflow_tracking.tracking()
     device = torch_device.configure()
     version, run_id = model_ref.version, model_ref.run_id
-    model = tracking.load_model(version)
+    model = tracking.load_model(version, run_id=run_id)
     champion = tracking.champion_version()
     champion_metrics = tracking.metrics_of(champion if champion != version else None)
     datasets, skipped = load_task_datasets(storage, model_ref.datasets)

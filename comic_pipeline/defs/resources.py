@@ -117,6 +117,12 @@ class MLflowTracking(dg.ConfigurableResource):
         description=f"An MLflow UI serving this tracking store, for run links; default ${MLFLOW_UI_ENV} "
         "(`make dev` sets it to the `make mlflow` address).",
     )
+    model_cache: Optional[str] = Field(
+        default=None,
+        description="A local folder where run processes keep the registered models they load, so "
+        "a later run loads one without MLflow; default <home>/model_cache for a local home, none "
+        "for an object-store home.",
+    )
 
     def tracking(self) -> Tracking:
         root = self.storage.root()
@@ -126,6 +132,7 @@ class MLflowTracking(dg.ConfigurableResource):
             registered_model_name=self.registered_model_name,
             artifact_root=None if self.tracking_uri else home.mlflow_artifact_root(root),
             ui_url=self.ui_url or os.environ.get(MLFLOW_UI_ENV) or None,
+            model_cache=self.model_cache or home.model_cache(root),
         )
 
 

@@ -180,3 +180,36 @@ def test_the_default_model_size_is_real_use_for_a_configured_store(tmp_path, mon
     assert (full.preset, full.d_model, full.n_layers, full.n_heads) == ("full", 512, 6, 8)
     chosen = train_config_of(TrainingConfig(preset="demo", epochs=2), configured).resolved()
     assert (chosen.preset, chosen.epochs) == ("demo", 2)
+
+
+def test_the_pins_are_each_comics_latest_validated_hash_in_few_queries():
+    """validated_hashes: the content hash of each comic's LATEST validation, none for a comic
+    never validated or validated without a hash, and one paged query, not one per comic."""
+    from comic_pipeline.defs.embeddings import validated_hashes
+    from comic_pipeline.defs.keys import STAGE3_PANEL_EMBEDDINGS
+
+    with dg.instance_for_test() as instance:
+        def validated(key, content_hash):
+            metadata = {"content_hash": content_hash} if content_hash else {"comic": key}
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                asset_key=STAGE3_PANEL_EMBEDDINGS, partition=key, metadata=metadata))
+
+        for round_index in range(3):  # every comic validated three times: the last one counts
+            for index in range(12):
+                validated(f"c{index:02d}", f"hash-{index}-{round_index}")
+        validated("c05", None)  # its latest validation recorded no hash
+        queries = []
+        real_fetch = instance.fetch_materializations
+
+        def counting_fetch(*args, **kwargs):
+            queries.append(kwargs.get("limit"))
+            return real_fetch(*args, **kwargs)
+
+        instance.fetch_materializations = counting_fetch
+        keys = [f"c{index:02d}" for index in range(14)]  # c12, c13: never validated
+        pins = validated_hashes(instance, keys, page_size=5)
+        assert pins == {f"c{index:02d}": f"hash-{index}-2" for index in range(12) if index != 5}
+        assert len(queries) <= 37 // 5 + 1  # paged through the 37 records at most once
+        paged = len(queries)
+        assert validated_hashes(instance, keys) == pins and len(queries) == paged + 1  # one page
+        assert validated_hashes(instance, ["c13"]) == {}
