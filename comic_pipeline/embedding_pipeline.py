@@ -201,31 +201,46 @@ def _batches(comics: Iterable[ComicInput], batch_pages: int, readers: int,
 
 def embed_and_write(url: str, comics: Iterable[ComicInput],
                     encode: Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], *,
-                    batch_pages: int, model_name: str, model_version: str, mlflow_run_id: str | None,
                     on_comic_written: Callable[[str, int, float], None] | None = None,
-                    on_comic_failed: Callable[[ComicInput, Exception], None] | None = None,
-                    dtype: str = "float32", extra_attrs: dict | None = None,
-                    background_write: bool = True, prefetch: bool = True,
-                    readers: int = READERS, writers: int = WRITERS) -> list[WrittenComic]:
-    """Embed comics in shared batches and commit each one as soon as all its pages are done.
+                    **options) -> list[WrittenComic]:
+    """iter_embed_and_write run to the end: the written comics in input order.
+    on_comic_written(comic_id, n_pages, seconds) is called in the caller's thread after each
+    commit. `options` are iter_embed_and_write's."""
+    written = []
+    for record in iter_embed_and_write(url, comics, encode, **options):
+        written.append(record)
+        if on_comic_written is not None:
+            on_comic_written(record.comic_id, record.n_pages, record.seconds)
+    return written
+
+
+def iter_embed_and_write(url: str, comics: Iterable[ComicInput],
+                         encode: Callable[[PageFeatures], tuple[np.ndarray, np.ndarray]], *,
+                         batch_pages: int, model_name: str, model_version: str, mlflow_run_id: str | None,
+                         on_comic_failed: Callable[[ComicInput, Exception], None] | None = None,
+                         dtype: str = "float32", extra_attrs: dict | None = None,
+                         background_write: bool = True, prefetch: bool = True,
+                         readers: int = READERS, writers: int = WRITERS) -> Iterator[WrittenComic]:
+    """Embed comics in shared batches, commit each one as soon as all its pages are done, and
+    yield it (in input order) once its commit is on the store: a caller that records progress as
+    it goes (the asset's per-comic materializations) never loses what a crash leaves written.
 
     encode(batch) takes PageFeatures of up to batch_pages pages (possibly from several comics,
     in order; comics with different modalities share a batch with the modalities they all have)
     and returns (panels (n, P, D_out), strips (n, D_out)). Comics are loaded in order by
     `readers` threads ahead of the encoder (prefetch=False: in the caller's thread); comics are
     committed by `writers` helper threads behind it (background_write; False: in the caller's
-    thread), at most `writers` in flight, reported in input order. on_comic_written(comic_id,
-    n_pages, seconds) is called in the caller's thread after each commit. With
-    on_comic_failed(comic, error), a comic whose pages fail to load or check is reported to it
-    and left out while the others are embedded (without it the error ends the run); an encoder
-    or write failure always ends the run. Returns the written comics in input order.
+    thread), at most `writers` in flight. With on_comic_failed(comic, error), a comic whose
+    pages fail to load or check is reported to it and left out while the others are embedded
+    (without it the error ends the run); an encoder or write failure always ends the run: the
+    comics committed before it are still yielded, then the error is raised. Closing the iterator
+    early waits for the commits in flight and reads nothing more.
     """
     if batch_pages < 1:
         raise ValueError(f"batch_pages must be at least 1, got {batch_pages}")
     if writers < 1:
         raise ValueError(f"writers must be at least 1, got {writers}")
     ensure_root(url)
-    written: list[WrittenComic] = []
     in_flight: deque[_PendingComic] = deque()  # comics started, not yet written, in input order
     writes: deque[tuple[_PendingComic, Future]] = deque()  # submitted, not yet reported
 
@@ -242,52 +257,61 @@ def embed_and_write(url: str, comics: Iterable[ComicInput],
             stage3_content_hash=comic.content_hash, extra_attrs=extra_attrs, dtype=dtype,
         )
 
-    def report_oldest() -> None:
+    def oldest_written() -> WrittenComic:
         pending, future = writes.popleft()
         comic_url = future.result()  # re-raises a failed write here, in the caller's thread
-        seconds = time.perf_counter() - pending.started
         comic = pending.comic
-        record = WrittenComic(comic.comic_id, comic_url, len(comic.page_ids),
-                              int(pending.panel_mask.sum()), seconds, comic.name or comic.comic_id)
-        written.append(record)
-        if on_comic_written is not None:
-            on_comic_written(record.comic_id, record.n_pages, seconds)
+        return WrittenComic(comic.comic_id, comic_url, len(comic.page_ids), int(pending.panel_mask.sum()),
+                            time.perf_counter() - pending.started, comic.name or comic.comic_id)
+
+    def written_before_the_error() -> Iterator[WrittenComic]:
+        while writes:
+            try:
+                record = oldest_written()
+            except Exception:  # noqa: BLE001 - this write failed too: nothing of it to hand over
+                continue
+            yield record
 
     with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="embedding-writer") as writer:
-        for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0,
-                                                  on_comic_failed):
-            in_flight.extend(started)
-            batch = join_pages(features)
-            panels, strips = encode(batch)
-            panels, strips = np.asarray(panels), np.asarray(strips)
-            n = batch.n_pages
-            if panels.ndim != 3 or panels.shape[:2] != (n, batch.max_panels) or strips.shape != (n, panels.shape[2]):
-                raise ValueError(f"encode returned panels {panels.shape} and strips {strips.shape} for a batch "
-                                 f"of {n} pages with {batch.max_panels} panel slots; expected "
-                                 f"({n}, {batch.max_panels}, D) and ({n}, D)")
-            offset = 0
-            for pending, first, end in pieces:
-                if pending.panels is None:
-                    n_pages = len(pending.comic.page_ids)
-                    pending.panels = np.zeros((n_pages,) + panels.shape[1:], dtype=np.float32)
-                    pending.strips = np.zeros((n_pages, strips.shape[1]), dtype=np.float32)
-                pending.panels[first:end] = panels[offset: offset + end - first]
-                pending.strips[first:end] = strips[offset: offset + end - first]
-                pending.done_pages += end - first
-                offset += end - first
-            del batch, features, pieces, panels, strips
-            # comics finish in input order; hand every finished one to the writer
-            while in_flight and in_flight[0].done_pages == len(in_flight[0].comic.page_ids):
-                pending = in_flight.popleft()
-                while len(writes) >= writers:  # a few writes in flight: memory stays flat
-                    report_oldest()
-                if background_write:
-                    writes.append((pending, writer.submit(write, pending)))
-                else:
-                    future: Future = Future()
-                    future.set_result(write(pending))
-                    writes.append((pending, future))
-                    report_oldest()
-        while writes:
-            report_oldest()
-    return written
+        try:
+            for pieces, features, started in _batches(comics, batch_pages, readers if prefetch else 0,
+                                                      on_comic_failed):
+                in_flight.extend(started)
+                batch = join_pages(features)
+                panels, strips = encode(batch)
+                panels, strips = np.asarray(panels), np.asarray(strips)
+                n = batch.n_pages
+                if panels.ndim != 3 or panels.shape[:2] != (n, batch.max_panels) or strips.shape != (n, panels.shape[2]):
+                    raise ValueError(f"encode returned panels {panels.shape} and strips {strips.shape} for a "
+                                     f"batch of {n} pages with {batch.max_panels} panel slots; expected "
+                                     f"({n}, {batch.max_panels}, D) and ({n}, D)")
+                offset = 0
+                for pending, first, end in pieces:
+                    if pending.panels is None:
+                        n_pages = len(pending.comic.page_ids)
+                        pending.panels = np.zeros((n_pages,) + panels.shape[1:], dtype=np.float32)
+                        pending.strips = np.zeros((n_pages, strips.shape[1]), dtype=np.float32)
+                    pending.panels[first:end] = panels[offset: offset + end - first]
+                    pending.strips[first:end] = strips[offset: offset + end - first]
+                    pending.done_pages += end - first
+                    offset += end - first
+                del batch, features, pieces, panels, strips
+                # comics finish in input order; hand every finished one to the writer
+                while in_flight and in_flight[0].done_pages == len(in_flight[0].comic.page_ids):
+                    pending = in_flight.popleft()
+                    while len(writes) >= writers:  # a few writes in flight: memory stays flat
+                        yield oldest_written()
+                    if background_write:
+                        writes.append((pending, writer.submit(write, pending)))
+                    else:
+                        future: Future = Future()
+                        future.set_result(write(pending))
+                        writes.append((pending, future))
+                while writes and writes[0][1].done():  # committed already: handed over now
+                    yield oldest_written()
+            while writes:
+                yield oldest_written()
+        except Exception:
+            # the run ends with this error; the comics committed before it are still handed over
+            yield from written_before_the_error()
+            raise

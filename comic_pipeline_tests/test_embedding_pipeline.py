@@ -71,6 +71,59 @@ def test_streaming_loads_lazily_and_writes_early(tmp_path):
     assert loaded_when_written == {"c0": 2, "c1": 2, "c2": 4, "c3": 4, "c4": 6, "c5": 6}
 
 
+@pytest.mark.parametrize("background_write,prefetch", [(True, True), (False, False)])
+def test_each_comic_is_yielded_once_committed_and_closing_early_stops_the_reads(tmp_path, background_write,
+                                                                               prefetch):
+    """iter_embed_and_write hands each comic over as soon as its commit is on the store (what the
+    asset records as a materialization right away), long before the last comic is read; closing
+    it early keeps what was committed and reads nothing more."""
+    url = str(tmp_path / "s.zarr")
+    sizes = {f"c{i}": 3 for i in range(12)}
+    loads: list[str] = []
+    iterator = ep.iter_embed_and_write(url, comic_inputs(sizes, loads), fake_encode, batch_pages=2,
+                                       model_name="m", model_version="1", mlflow_run_id=None,
+                                       background_write=background_write, prefetch=prefetch,
+                                       readers=2, writers=1)
+    first = next(iterator)
+    assert first.comic_id == "c0" and es.ContextualizedStore.open(url).comic_ids()[:1] == ["c0"]
+    assert len(loads) <= 4  # c0, c1 and at most the two comics the readers load ahead
+    second = next(iterator)
+    iterator.close()
+    loaded = len(loads)
+    assert second.comic_id == "c1" and loaded < len(sizes)
+    assert list(ep.iter_embed_and_write(url, [], fake_encode, batch_pages=2, model_name="m",
+                                        model_version="1", mlflow_run_id=None)) == []
+    assert len(loads) == loaded  # nothing was read after closing
+    committed = es.ContextualizedStore.open(url).comic_ids()
+    assert committed[:2] == ["c0", "c1"] and set(committed) <= set(sizes)
+    for comic_id in committed:  # whatever was committed before closing is whole
+        assert es.ContextualizedStore.open(url).read(comic_id).panel_embeddings.shape == (3, P, 5)
+
+
+@pytest.mark.parametrize("background_write", [True, False])
+def test_an_encoder_that_dies_midway_still_hands_over_every_comic_it_committed(tmp_path, background_write):
+    url = str(tmp_path / "s.zarr")
+    sizes = {f"c{i}": 2 for i in range(8)}
+    batches = []
+
+    def dying_encode(batch):
+        batches.append(batch.n_pages)
+        if len(batches) == 4:
+            raise RuntimeError("the device fell off the bus")
+        return fake_encode(batch)
+
+    handed_over = []
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        for comic in ep.iter_embed_and_write(url, comic_inputs(sizes), dying_encode, batch_pages=2,
+                                             model_name="m", model_version="1", mlflow_run_id=None,
+                                             background_write=background_write, writers=4):
+            handed_over.append(comic.comic_id)
+    # one comic per batch: c0..c2 were encoded and committed before the fourth batch died, and
+    # all three are handed over (those still in flight when it died, after the error)
+    assert handed_over == ["c0", "c1", "c2"]
+    assert es.ContextualizedStore.open(url).comic_ids() == ["c0", "c1", "c2"]
+
+
 @pytest.mark.parametrize("background_write,prefetch", [(True, True), (False, False), (True, False)])
 def test_streaming_memory_does_not_grow_with_comics(tmp_path, background_write, prefetch):
     """When a comic is loaded, at most one earlier comic's arrays are still alive (plus the

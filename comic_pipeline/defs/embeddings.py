@@ -86,14 +86,15 @@ def contextualized_embeddings(
             failed[key] = f"{type(error).__name__}: {error}"
     url = storage.contextualized_url()
     progress = _Progress(context, total=len(comics))
-    written = embedding_pipeline.embed_and_write(
+    # each comic's materialization is recorded as soon as its commit is on the store, so a run
+    # that dies midway keeps, in Dagster too, every comic it wrote
+    for comic in embedding_pipeline.iter_embed_and_write(
         url, comics,
         encode=lambda features: inference.embed_pages(model, features, device=device),
         batch_pages=config.batch_pages, model_name=champion.name,
-        model_version=version, mlflow_run_id=run_id,
-        on_comic_written=progress.comic_written, on_comic_failed=comic_failed,
-    )
-    for comic in written:
+        model_version=version, mlflow_run_id=run_id, on_comic_failed=comic_failed,
+    ):
+        progress.comic_written(comic.comic_id, comic.n_pages, comic.seconds)
         yield dg.AssetMaterialization(
             asset_key=context.asset_key, partition=comic.comic_id,
             metadata={
@@ -110,7 +111,7 @@ def contextualized_embeddings(
     if failed:
         raise dg.Failure(
             description=f"{len(failed)} of {len(wanted)} comics were not embedded (the other "
-            f"{len(written)} were written):\n" + "\n".join(f"{k}: {e}" for k, e in failed.items()),
+            f"{progress.done} were written):\n" + "\n".join(f"{k}: {e}" for k, e in failed.items()),
             metadata={"failed_comics": dg.MetadataValue.md(
                 "| partition key | error |\n|---|---|\n"
                 + "\n".join(f"| `{k}` | {e.replace('|', '/')} |" for k, e in failed.items()))},

@@ -373,6 +373,37 @@ def test_a_changed_or_a_quarantined_comic_never_takes_the_others_down(trained_pi
     assert pipeline.materialize(["contextualized_embeddings"], tags={"dagster/partition": changed}).success
 
 
+def test_an_embedding_run_that_dies_midway_keeps_the_comics_it_wrote_materialized(trained_pipeline,
+                                                                                  monkeypatch):
+    """Each comic's materialization is recorded when its commit lands, not at the end of the
+    run: a run whose device dies midway still shows, in Dagster, every comic it wrote."""
+    from comic_pipeline import inference
+
+    pipeline = trained_pipeline
+    real_embed, batches = inference.embed_pages, []
+
+    def dying_embed(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 5:
+            raise RuntimeError("the device fell off the bus")
+        return real_embed(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "embed_pages", dying_embed)
+    run = pipeline.materialize_all_comics(
+        ["contextualized_embeddings"], raise_on_error=False,
+        run_config={"ops": {"contextualized_embeddings": {"config": {"batch_pages": 4}}}})
+    assert not run.success
+    assert "fell off the bus" in str(run.failure_data_for_node("contextualized_embeddings").error)
+    written = [m.partition for m in run.asset_materializations_for_node("contextualized_embeddings")]
+    assert written and len(written) < len(pipeline.comic_ids)  # some, not all
+    in_range = list(pipeline.instance.get_dynamic_partitions("comics"))
+    assert written == in_range[:len(written)]  # in the run's order, from its first comic on
+    output = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url())
+    champion = pipeline.tracking().champion_version()
+    for key in written:  # each one recorded is whole in the store, made by the champion
+        assert output.read(key).attrs["model_version"] == champion
+
+
 def _first_row(pipeline, key: str) -> int:
     """The legacy store's row that holds the first page of comic `key` (rows are shuffled)."""
     stage3 = pipeline.resources["stage3"]
