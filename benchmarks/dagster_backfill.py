@@ -1,7 +1,8 @@
 """Dagster overhead of a contextualized-embedding backfill: its Dagster runs vs the pure compute.
 
 A backfill of contextualized_embeddings batches many comics per run: the asset's backfill policy
-gives each run at most max_partitions_per_run comics (100), so N comics take ceil(N / 100) runs.
+gives each run at most max_partitions_per_run comics (COMIC_PIPELINE_EMBEDDING_RUN_COMICS, 1,000 by
+default), so N comics take ceil(N / that) runs.
 This times those runs one after the other (each a dg.materialize over its slice of the "comics"
 partition range, tags dagster/asset_partition_range_*, in this process: what a run does once
 its process is up; the launch of a run process is bench_run_overhead.py's figure) against the
@@ -26,7 +27,7 @@ Also the DAGSTER_BACKFILL_HOOK of bench_embeddings.py: dagster_backfill_seconds(
 out_url, comic_ids) runs the Dagster half over a given store.
 
     .venv/bin/python benchmarks/dagster_backfill.py [--comics 2000] [--size demo|tiny]
-        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run 100]
+        [--batch-pages 256] [--threads 1] [--rounds 2] [--per-run N]
         [--instances sqlite,postgres,postgres-pooled]
 """
 

@@ -109,6 +109,20 @@ def test_gpu_assets_share_the_gpu_pool():
     assert pools["contextualized_embeddings"] == {"gpu"}
 
 
+def test_an_embedding_backfill_puts_the_configured_number_of_comics_in_a_run():
+    """The backfill policy is read from the code location's environment when the definitions
+    load (COMIC_PIPELINE_EMBEDDING_RUN_COMICS; defs/embeddings.py)."""
+    probe = ("from comic_pipeline.definitions import defs\n"
+             "from comic_pipeline.defs.keys import CONTEXTUALIZED_EMBEDDINGS\n"
+             "graph = defs().get_repository_def().asset_graph\n"
+             "print(graph.get(CONTEXTUALIZED_EMBEDDINGS).backfill_policy.max_partitions_per_run)")
+    for environ, expected in (({}, "1000"), ({"COMIC_PIPELINE_EMBEDDING_RUN_COMICS": "2500"}, "2500")):
+        env = {k: v for k, v in os.environ.items() if k != "COMIC_PIPELINE_EMBEDDING_RUN_COMICS"}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=CHECKOUT, capture_output=True, text=True,
+                             check=True, env={**env, **environ}).stdout.split()
+        assert out == [expected]
+
+
 def test_dagster_definitions_validate_passes(tmp_path):
     # its own empty instance: the test never depends on a home that another test or `make` made
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}

@@ -1,7 +1,9 @@
 """Contextualized panel and strip embeddings for Stage 5, made by the champion model."""
 
 
+import os
 import time
+from typing import Mapping
 
 import dagster as dg
 from pydantic import Field
@@ -18,6 +20,28 @@ from comic_pipeline.quarantine import Quarantine
 from comic_pipeline.store import Stage3StoreError
 
 
+RUN_COMICS_ENV = "COMIC_PIPELINE_EMBEDDING_RUN_COMICS"
+DEFAULT_RUN_COMICS = 1000
+
+
+def comics_per_embedding_run(environ: Mapping[str, str] | None = None) -> int:
+    """Comics per run of an embedding backfill (the backfill policy's max_partitions_per_run),
+    from the code location's environment. A run costs seconds to launch (11.7 s for a local run
+    process to write its first comic, bench_run_overhead.py; a pod on a GPU node far more) and
+    a comic costs milliseconds to embed, so runs are sized to minutes of work: the default of
+    1,000 is about 3 minutes of the full model on 2 CPU cores (24-page comics, 138 pages/s);
+    a GPU deployment sets more (deploy/helm-values.yaml)."""
+    env = os.environ if environ is None else environ
+    text = env.get(RUN_COMICS_ENV, str(DEFAULT_RUN_COMICS))
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{RUN_COMICS_ENV} must be a whole number of comics, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"{RUN_COMICS_ENV} must be at least 1, got {value}")
+    return value
+
+
 class EmbeddingConfig(dg.Config):
     batch_pages: int = Field(default=256, description="Pages per model batch (across comics).")
 
@@ -30,7 +54,7 @@ class EmbeddingConfig(dg.Config):
     ins={"champion": dg.AssetIn(CHAMPION_MODEL)},
     pool="gpu",
     op_tags=gpu_op_tags(),  # a GPU pod under k8s (defs/k8s.py)
-    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=100),
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=comics_per_embedding_run()),
     output_required=False,  # one materialization per comic written, each with its own metadata
     description=(
         "Per comic: contextualized panel embeddings and strip (page) embeddings from the "

@@ -213,3 +213,13 @@ def test_the_pins_are_each_comics_latest_validated_hash_in_few_queries():
         paged = len(queries)
         assert validated_hashes(instance, keys) == pins and len(queries) == paged + 1  # one page
         assert validated_hashes(instance, ["c13"]) == {}
+
+
+def test_embedding_runs_are_sized_by_the_code_locations_environment():
+    from comic_pipeline.defs.embeddings import DEFAULT_RUN_COMICS, RUN_COMICS_ENV, comics_per_embedding_run
+
+    assert comics_per_embedding_run({}) == DEFAULT_RUN_COMICS == 1000
+    assert comics_per_embedding_run({RUN_COMICS_ENV: "20000"}) == 20000
+    for bad in ("0", "-5", "lots", "1.5"):
+        with pytest.raises(ValueError, match=RUN_COMICS_ENV):
+            comics_per_embedding_run({RUN_COMICS_ENV: bad})
