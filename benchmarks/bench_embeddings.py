@@ -322,6 +322,9 @@ def _write_icechunk(url: str, outputs, comics_per_commit: int) -> None:
     import icechunk
     import zarr
 
+    # its warning that local-filesystem storage is unsafe for concurrent commits (true, and said in
+    # the README) would land on stdout, in the middle of this table
+    icechunk.set_logs_filter("error")
     repo = icechunk.Repository.create(icechunk.local_filesystem_storage(url))
     for start in range(0, len(outputs), comics_per_commit):
         session = repo.writable_session("main")
