@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comic_pipeline import corpus, shortcuts, tasks  # noqa: E402
 from comic_pipeline.schema import TASK_NAMES  # noqa: E402
+from comic_pipeline.splits import assign_splits  # noqa: E402
 
 
 def rss_gib() -> float:
@@ -142,7 +143,7 @@ def main() -> None:
     started = time.perf_counter()
     features = corpus.corpus_features(demo_config)
     demo_seconds = time.perf_counter() - started
-    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    split_of = assign_splits(sorted(set(features.comic_ids)))
     summaries = [dict(corpus_summary("demo", features, split_of), **{"generate s": round(demo_seconds, 1)})]
     timing, datasets = time_tasks("demo", features, split_of, tasks.TaskConfig())
 
@@ -151,7 +152,7 @@ def main() -> None:
         started = time.perf_counter()
         large = corpus.corpus_features(large_config)
         large_seconds = time.perf_counter() - started
-        large_split = tasks.assign_splits(sorted(set(large.comic_ids)))
+        large_split = assign_splits(sorted(set(large.comic_ids)))
         summaries.append(dict(corpus_summary(f"demo x{args.scale}", large, large_split),
                               **{"generate s": round(large_seconds, 1)}))
         large_timing, _ = time_tasks(f"demo x{args.scale}", large, large_split, tasks.TaskConfig())

@@ -48,6 +48,7 @@ from comic_pipeline.batching import TaskBatches  # noqa: E402
 from comic_pipeline.inference import autocast, configure_cpu_threads, resolve_device  # noqa: E402
 from comic_pipeline.model import SequenceModel  # noqa: E402
 from comic_pipeline.schema import TASK_NAMES  # noqa: E402
+from comic_pipeline.splits import assign_splits  # noqa: E402
 from comic_pipeline.train_config import TrainConfig  # noqa: E402
 from comic_pipeline.training import make_optimizer, train  # noqa: E402
 
@@ -61,7 +62,7 @@ SIZES = {
 
 def problem(corpus_config, splits: tuple[str, ...] = ("train",)):
     features = corpus.corpus_features(corpus_config)
-    split_of = tasks.assign_splits(list(dict.fromkeys(features.comic_ids)))
+    split_of = assign_splits(list(dict.fromkeys(features.comic_ids)))
     datasets = {name: tasks.generate_task(name, features, split_of, tasks.TaskConfig())
                 for name in TASK_NAMES}
     # train split only by default: the throughput figures time steps, not validation

@@ -19,6 +19,7 @@ import pandas as pd
 
 from comic_pipeline import corpus, shortcuts, tasks
 from comic_pipeline.schema import TASK_NAMES
+from comic_pipeline.splits import assign_splits
 
 OPTION_ONLY = "option_only (learned)"
 
@@ -30,7 +31,7 @@ def audit_table(size: str = "demo", split: str = "test", sampling: str = "new",
         raise ValueError(f"sampling must be 'new' or 'old', got {sampling!r}")
     config = dataclasses.replace(corpus.SIZES[size], slot_signature=slot_signature)
     features = corpus.corpus_features(config)
-    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    split_of = assign_splits(sorted(set(features.comic_ids)))
     task_config = tasks.TaskConfig(seed=seed, match_similarity=sampling == "new",
                                    slot_matched=sampling == "new")
     datasets = {task: tasks.generate_task(task, features, split_of, task_config) for task in TASK_NAMES}

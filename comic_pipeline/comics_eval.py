@@ -1,6 +1,6 @@
 """COMICS's own candidate rows, scored verbatim on the test books (DESIGN §9).
 
-Split: by book, with the pipeline's own rule (`tasks.assign_splits` on the store's comic names,
+Split: by book, with the pipeline's own rule (`splits.assign_splits` on the store's comic names,
 the fractions of the `comic_splits` asset), so the test books here are the test comics of the
 graph. No text of a test book reaches training: the store holds each book's panels under that
 book only, and COMICS rows of train books whose candidates quote a test book's text (easy
@@ -24,11 +24,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from comic_pipeline import tasks
 from comic_pipeline.comics_folds import BOXES_PER_PANEL, CHARACTER_COHERENCE, TEXT_CLOZE, Fold, FoldRow
 from comic_pipeline.comics_import import comic_name_of_book
 from comic_pipeline.batching import KIND_PAD, KIND_PANEL, KIND_QUERY, OptionBatch
 from comic_pipeline.model import SequenceModel
+from comic_pipeline.splits import assign_splits
 from comic_pipeline.text_encoder import TextEncoder
 
 # Iyyer et al. 2017 (CVPR), accuracy %, as in the data README. None: not reported.
@@ -60,7 +60,7 @@ STOPWORDS = frozenset("the a an and or of to i you it is in on at me my we he sh
 def book_splits(book_ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1)) -> dict[str, str]:
     """book id -> split, exactly as the graph's comic_splits assigns the book's comic."""
     names = {book: comic_name_of_book(book) for book in book_ids}
-    of_name = tasks.assign_splits(sorted(set(names.values())), fractions=fractions)
+    of_name = assign_splits(sorted(set(names.values())), fractions=fractions)
     return {book: of_name[name] for book, name in names.items()}
 
 
@@ -70,7 +70,7 @@ def kfold_splits(comic_ids: Sequence[str], k: int, part: int, salt: str = "comic
     parts every comic is a test comic exactly once."""
     if k < 2 or not 0 <= part < k:
         raise ValueError(f"k-fold needs k >= 2 and 0 <= part < k, got k={k}, part={part}")
-    inner = tasks.assign_splits(comic_ids, fractions=(8, 1, 0), salt=salt + "/val")
+    inner = assign_splits(comic_ids, fractions=(8, 1, 0), salt=salt + "/val")
     splits = {}
     for comic_id in comic_ids:
         digest = hashlib.sha256(f"{salt}\x00{comic_id}".encode()).digest()

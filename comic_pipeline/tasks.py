@@ -1,4 +1,4 @@
-"""The task specs (DESIGN §4) and the generation of task datasets; book-level splits.
+"""The task specs (DESIGN §4) and the generation of task datasets (book-level splits: splits.py).
 
 A task is a value that carries its behaviour: its spec says what it needs from the store, how its
 samples are drawn (`draw`), what its options are and how the model asks for them. Two families
@@ -13,10 +13,9 @@ distractors are chosen per comic with one candidate matrix (comic_pipeline.sampl
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 
@@ -37,28 +36,6 @@ from comic_pipeline.schema import MASK, PAD, SPLITS, OptionSamples, OrderSamples
 
 DEFAULT_SAMPLES_PER_PAGE = 4
 CLOZE_CONTEXT = 3  # text_cloze: panels of context before the answer panel
-
-
-# --- splits -----------------------------------------------------------------------------------
-def assign_splits(comic_ids: Sequence[str], fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                  salt: str = "comic-splits-v1") -> dict[str, str]:
-    """comic id -> "train" | "val" | "test" by a stable hash of the id alone.
-
-    A comic keeps its split whenever it arrives, whichever other comics exist.
-    """
-    fractions = tuple(float(f) for f in fractions)
-    if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split fractions {fractions} must be {len(SPLITS)} non-negative numbers "
-                         f"({', '.join(SPLITS)}) with a positive sum")
-    bounds = np.cumsum(fractions) / sum(fractions)  # (3,) upper bound of each split in [0, 1)
-    splits = {}
-    for comic_id in comic_ids:
-        if not isinstance(comic_id, str) or not comic_id:
-            raise ValueError(f"comic id {comic_id!r} must be a non-empty string")
-        digest = hashlib.sha256(f"{salt}\x00{comic_id}".encode()).digest()
-        unit = int.from_bytes(digest[:8], "big") / 2.0**64  # uniform in [0, 1)
-        splits[comic_id] = SPLITS[min(int(np.searchsorted(bounds, unit, side="right")), len(SPLITS) - 1)]
-    return splits
 
 
 # --- configuration ----------------------------------------------------------------------------

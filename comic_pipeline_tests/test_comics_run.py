@@ -23,6 +23,7 @@ from comic_pipeline.comics_import import import_folds
 from comic_pipeline.defs.keys import COMICS_EVALUATION, UNSEEN_TEST_BOOKS_CHECK
 from comic_pipeline.model import ModelConfig, SequenceModel
 
+from comic_pipeline.splits import assign_splits
 from comic_pipeline.text_encoder import OFFLINE_SWITCHES, TextEncoder
 from comic_pipeline.tracking import Tracking
 
@@ -82,7 +83,7 @@ def test_book_split_is_the_graphs_split_and_training_rows_never_quote_test_text(
     rows = [r for path in SLICES for r in cf.read_fold(path).rows]
     books = sorted({r.book_id for r in rows})
     split_of = ce.book_splits(books)
-    assert split_of == tasks.assign_splits(books)  # COMICS book ids are the comic names
+    assert split_of == assign_splits(books)  # COMICS book ids are the comic names
     texts = ce.book_texts(rows)
     test_texts = set().union(*(texts[b] for b in books if split_of[b] == "test"))
     kept, dropped = ce.training_rows(rows, split_of, test_texts)

@@ -12,6 +12,7 @@ import pytest
 
 from comic_pipeline import corpus, shortcuts, tasks
 from comic_pipeline.schema import SPLITS, TASK_NAMES
+from comic_pipeline.splits import assign_splits
 
 MAX_MARGIN = 0.05
 PROBE_MARGIN = 0.25
@@ -20,7 +21,7 @@ PROBE_MARGIN = 0.25
 @pytest.fixture(scope="module")
 def demo():
     features = corpus.corpus_features(corpus.SIZES["demo"])
-    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    split_of = assign_splits(sorted(set(features.comic_ids)))
     datasets = {task: tasks.generate_task(task, features, split_of, tasks.TaskConfig())
                 for task in TASK_NAMES}
     return features, split_of, datasets
@@ -67,7 +68,7 @@ def test_a_planted_slot_signature_is_flagged_with_any_slot_distractors_and_not_w
     and is at chance once distractors come from the answer's slot."""
     config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=60, slot_signature=0.5)
     features = corpus.corpus_features(config)
-    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    split_of = assign_splits(sorted(set(features.comic_ids)))
     for task in ("sequence_filling", "visual_closure", "text_closure", "caption_relevance", "text_cloze"):
         old = tasks.generate_task(task, features, split_of, tasks.TaskConfig(slot_matched=False))
         new = tasks.generate_task(task, features, split_of, tasks.TaskConfig())
@@ -81,7 +82,7 @@ def test_a_planted_slot_signature_is_flagged_with_any_slot_distractors_and_not_w
 def test_the_learned_option_only_baseline_sees_the_planted_signature_only_with_any_slot_distractors():
     config = dataclasses.replace(corpus.SIZES["tiny"], n_comics=60, slot_signature=0.5)
     features = corpus.corpus_features(config)
-    split_of = tasks.assign_splits(sorted(set(features.comic_ids)))
+    split_of = assign_splits(sorted(set(features.comic_ids)))
     for task in ("visual_closure", "text_cloze"):
         old = tasks.generate_task(task, features, split_of, tasks.TaskConfig(slot_matched=False))
         new = tasks.generate_task(task, features, split_of, tasks.TaskConfig())

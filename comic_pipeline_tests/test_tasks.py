@@ -7,6 +7,7 @@ import pytest
 
 from comic_pipeline import corpus, sampling, tasks
 from comic_pipeline.schema import MASK, PAD, SPLITS, TASK_NAMES, load_task_dataset, save_task_dataset
+from comic_pipeline.splits import assign_splits
 
 CONFIG = dataclasses.replace(corpus.SIZES["tiny"], n_comics=30)
 DISTRACTOR_TASKS = ("sequence_filling", "visual_closure", "text_closure", "caption_relevance", "text_cloze")
@@ -56,17 +57,17 @@ def option_content(dataset, features, refs):
 # --- splits -------------------------------------------------------------------------------------
 def test_assign_splits_is_stable_per_comic_and_roughly_proportional():
     ids = [f"comic-{i}" for i in range(3000)]
-    splits = tasks.assign_splits(ids)
+    splits = assign_splits(ids)
     assert set(splits.values()) == set(SPLITS)
     # a comic keeps its split whatever else exists, and in any order
-    assert tasks.assign_splits(ids[:7][::-1]) == {c: splits[c] for c in ids[:7]}
-    assert all(tasks.assign_splits([c])[c] == splits[c] for c in ids[:50])
+    assert assign_splits(ids[:7][::-1]) == {c: splits[c] for c in ids[:7]}
+    assert all(assign_splits([c])[c] == splits[c] for c in ids[:50])
     shares = np.array([sum(v == s for v in splits.values()) for s in SPLITS]) / len(ids)
     np.testing.assert_allclose(shares, [0.8, 0.1, 0.1], atol=0.03)
-    assert tasks.assign_splits(ids[:200], salt="other") != {c: splits[c] for c in ids[:200]}
-    assert set(tasks.assign_splits(ids[:100], fractions=(0, 0, 1)).values()) == {"test"}
+    assert assign_splits(ids[:200], salt="other") != {c: splits[c] for c in ids[:200]}
+    assert set(assign_splits(ids[:100], fractions=(0, 0, 1)).values()) == {"test"}
     with pytest.raises(ValueError, match="fractions"):
-        tasks.assign_splits(ids, fractions=(0.5, 0.5))
+        assign_splits(ids, fractions=(0.5, 0.5))
 
 
 def test_no_comic_in_two_splits_and_samples_follow_their_comic(datasets, split_of):

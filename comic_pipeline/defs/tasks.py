@@ -13,6 +13,7 @@ from comic_pipeline.defs.datasets import PINS_ATTR, read_splits
 from comic_pipeline.defs.refs import SplitsRef, TaskDatasetRef
 from comic_pipeline.defs.resources import PipelineStorage, Stage3StoreResource
 from comic_pipeline.quarantine import Quarantine
+from comic_pipeline.splits import assign_splits
 
 
 class SplitConfig(dg.Config):
@@ -49,7 +50,7 @@ def comic_splits(
                             f"left out: {unvalidated[:10]}")
     import pandas as pd  # here, not with the definitions every run process loads
 
-    split_of = tasks.assign_splits(comic_ids, fractions=(config.train, config.val, config.test))
+    split_of = assign_splits(comic_ids, fractions=(config.train, config.val, config.test))
     table = pd.DataFrame({"comic_id": comic_ids, "split": [split_of[c] for c in comic_ids]})
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
