@@ -15,7 +15,6 @@ Both hand out arrays exactly as stored; store.ComicReader checks them.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from typing import Iterable
 
@@ -23,7 +22,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from comic_pipeline.comic_groups import local_path
+from comic_pipeline.comic_groups import read_json
+from comic_pipeline.fileio import local_path
 from comic_pipeline.stage3_checks import comic_error
 from comic_pipeline.zarr_chunks import ChunkedArray, ChunkError
 
@@ -140,8 +140,7 @@ def _direct_group(path: str, name: str) -> tuple[dict, DirectComicArrays] | None
 
 def _json_document(path: str) -> dict | None:
     try:
-        with open(path, "rb") as handle:
-            document = json.loads(handle.read())
-    except (OSError, ValueError):  # missing, unreadable, not JSON: zarr-python's case
+        document = read_json(path)
+    except (OSError, ValueError):  # unreadable, not JSON: zarr-python's case (missing: None)
         return None
     return document if isinstance(document, dict) else None

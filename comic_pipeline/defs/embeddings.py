@@ -149,12 +149,12 @@ def validated_hashes(instance: dg.DagsterInstance, keys: list[str], page_size: i
     One query for the whole run (newest first, paged when comics were validated many times),
     not one per comic: on PostgreSQL the per-comic queries were about 0.6 s of a 100-comic run."""
     hashes: dict[str, str] = {}
-    seen: set[str] = set()  # partitions whose latest materialization was read
+    wanted, seen = set(keys), set()  # seen: partitions whose latest materialization was read
     cursor = None
-    while len(seen) < len(set(keys)):
+    while seen != wanted:
         result = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=STAGE3_PANEL_EMBEDDINGS,
-                                  asset_partitions=sorted(set(keys) - seen)),
+                                  asset_partitions=sorted(wanted - seen)),
             limit=page_size, cursor=cursor,
         )
         for record in result.records:  # newest first: the first record of a comic is its latest
