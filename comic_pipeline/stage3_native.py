@@ -28,11 +28,19 @@ from comic_pipeline.stage3_checks import comic_error
 from comic_pipeline.zarr_chunks import ChunkedArray, ChunkError
 
 
-class ZarrComicArrays:
-    """A comic group read through zarr-python."""
+# What zarr-python raises for a chunk that does not decode to its array (numcodecs' decoders raise
+# RuntimeError, a wrong size ValueError): the comic's problem. Anything else, OSError included (an
+# object store that did not answer), is not the comic's and propagates as it is.
+CORRUPT_CHUNK_ERRORS = (RuntimeError, ValueError, zarr.errors.BaseZarrError)
 
-    def __init__(self, group: zarr.Group):
+
+class ZarrComicArrays:
+    """A comic group read through zarr-python. A chunk that does not decode is the comic's
+    problem (Stage3StoreError naming it and the array), as with the direct reader."""
+
+    def __init__(self, group: zarr.Group, comic: str):
         self._arrays = dict(group.arrays())  # array handles: metadata only, read once
+        self._comic = comic  # its name, for errors
         self.specs = {name: (tuple(array.shape), np.dtype(array.dtype))
                       for name, array in self._arrays.items()}
         self._fetched: dict[str, np.ndarray | BaseException] = {}
@@ -54,7 +62,8 @@ class ZarrComicArrays:
             # errors are kept for read(name), so a comic's first problem is still the first one met
             if isinstance(value, BaseException) and not isinstance(value, Exception):
                 raise value  # KeyboardInterrupt, cancellation: not a problem of this comic
-            self._fetched[name] = value if isinstance(value, Exception) else np.asarray(value)
+            self._fetched[name] = (self._comic_problem(name, value) if isinstance(value, Exception)
+                                   else np.asarray(value))
 
     def drop_fetched(self) -> None:
         self._fetched.clear()
@@ -65,7 +74,16 @@ class ZarrComicArrays:
             raise fetched
         if fetched is not None:
             return fetched
-        return np.asarray(self._arrays[name][...])
+        try:
+            return np.asarray(self._arrays[name][...])
+        except Exception as exc:  # noqa: BLE001 - _comic_problem sorts what is the comic's
+            raise self._comic_problem(name, exc) from None
+
+    def _comic_problem(self, name: str, error: Exception) -> Exception:
+        """The comic's Stage3StoreError for a chunk that does not decode; other errors as they are."""
+        if not isinstance(error, CORRUPT_CHUNK_ERRORS):
+            return error
+        return comic_error(self._comic, name, f"a chunk cannot be decoded ({type(error).__name__}: {error})")
 
     def check_panel_mask(self, comic: str, page_ids, mask: np.ndarray) -> None:
         pass  # the prefix and emptiness checks say everything for the native layout
@@ -107,7 +125,7 @@ def open_comic_group(root: zarr.Group, url: str, group_path: str, name: str
                                       f"({type(exc).__name__}: {exc})") from None
     if not isinstance(group, zarr.Group):
         raise comic_error(name, None, "is an array, expected a comic group")
-    return dict(group.attrs), ZarrComicArrays(group)
+    return dict(group.attrs), ZarrComicArrays(group, name)
 
 
 def _direct_group(path: str, name: str) -> tuple[dict, DirectComicArrays] | None:
