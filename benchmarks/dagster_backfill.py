@@ -219,9 +219,9 @@ def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[s
     version = tracking.champion_version()
     model = tracking.load_model(version)
     run_id = tracking.run_id_of(version)
+    started = time.perf_counter()  # the store's listing and the inputs are the asset's work too
     store = Stage3Store.open(stage3_url)
-    comics = [embedding_pipeline.ComicInput.from_reader(store.comic(comic_id)) for comic_id in comic_ids]
-    started = time.perf_counter()
+    comics = [embedding_pipeline.ComicInput.from_store(store, comic_id) for comic_id in comic_ids]
     written = embedding_pipeline.embed_and_write(
         out_url, comics, encode=lambda features: inference.embed_pages(model, features, device=device),
         batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,

@@ -36,8 +36,8 @@ def check_page_ids(comic: str, page_ids: object) -> list[str]:
     page_ids = list(page_ids)
     if not page_ids:
         raise comic_error(comic, None, "empty comic: it has no pages ('page_ids' is empty)")
-    unique, counts = np.unique(np.asarray(page_ids, dtype=str), return_counts=True)
-    if (counts > 1).any():
+    if len(set(page_ids)) != len(page_ids):  # every comic is checked on open: the cheap test first
+        unique, counts = np.unique(np.asarray(page_ids, dtype=str), return_counts=True)
         raise comic_error(comic, None, f"duplicate page ids {unique[counts > 1][:5].tolist()}")
     return page_ids
 

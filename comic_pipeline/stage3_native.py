@@ -15,6 +15,9 @@ Both hand out arrays exactly as stored; store.ComicReader checks them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
+import json
 import os
 from typing import Iterable
 
@@ -148,12 +151,27 @@ def _direct_group(path: str, name: str) -> tuple[dict, DirectComicArrays] | None
             continue
         if not entry.is_dir():
             return None
-        metadata = _json_document(os.path.join(entry.path, "zarr.json"))
-        array = None if metadata is None else ChunkedArray.from_metadata(entry.path, metadata)
-        if array is None:
+        try:
+            with open(os.path.join(entry.path, "zarr.json"), "rb") as handle:
+                template = _array_template(handle.read())
+        except OSError:
             return None
-        arrays[entry.name] = array
+        if template is None:
+            return None
+        arrays[entry.name] = dataclasses.replace(template, path=entry.path)
     return attrs, DirectComicArrays(arrays, name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _array_template(document: bytes) -> ChunkedArray | None:
+    """The array an array's zarr.json describes (its path left empty), parsed once per distinct
+    document: a store's comics share a handful of them (the same arrays, a few page counts), and
+    parsing is most of the Python cost of opening a comic. None: zarr-python's case."""
+    try:
+        metadata = json.loads(document)
+    except ValueError:
+        return None
+    return ChunkedArray.from_metadata("", metadata) if isinstance(metadata, dict) else None
 
 
 def _json_document(path: str) -> dict | None:

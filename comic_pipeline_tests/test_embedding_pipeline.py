@@ -1,4 +1,5 @@
 import gc
+import json
 import uuid
 import weakref
 
@@ -227,6 +228,54 @@ def test_comic_input_from_stage3_reader(tmp_path):
                        mlflow_run_id=None)
     assert ctx.attrs("k1")["stage3_content_hash"] == "from-upstream"
 
+
+
+
+def test_inputs_from_a_store_open_their_comics_in_the_reader_threads(tmp_path, monkeypatch):
+    """A run of many comics does not open them one by one before the first is read: each is
+    opened by its load(), in a reader thread; one whose group broke after the listing fails
+    alone."""
+    import threading
+
+    stage3_url = str(tmp_path / "stage3.zarr")
+    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
+    sizes = {"k1": 3, "k2": 4, "k3": 2, "k4": 5}
+    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
+        features = features_of(comic_id, n_pages, seed)
+        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
+                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
+    stage3 = store.Stage3Store.open(stage3_url)
+    opened_by: dict[str, str] = {}
+    real_comic = store.Stage3Store.comic
+
+    def recording_comic(self, comic_id):
+        opened_by[comic_id] = threading.current_thread().name
+        return real_comic(self, comic_id)
+
+    monkeypatch.setattr(store.Stage3Store, "comic", recording_comic)
+    inputs = [ep.ComicInput.from_store(stage3, key) for key in stage3.comic_ids()]
+    assert opened_by == {} and [c.page_ids for c in inputs] == [None] * 4  # nothing opened yet
+    assert [c.name for c in inputs] == list(sizes)
+    # k3's group loses its page ids after the listing (Stage 3 broke it mid-run)
+    document_path = tmp_path / "stage3.zarr" / "comics" / "k3" / "zarr.json"
+    document = json.loads(document_path.read_text())
+    del document["attributes"]["page_ids"]
+    document_path.write_text(json.dumps(document))
+    failed = []
+    out_url = str(tmp_path / "ctx.zarr")
+    written = ep.embed_and_write(out_url, inputs, fake_encode, batch_pages=5, model_name="m",
+                                 model_version="1", mlflow_run_id=None,
+                                 on_comic_failed=lambda comic, error: failed.append((comic.comic_id, str(error))))
+    assert [w.comic_id for w in written] == ["k1", "k2", "k4"]
+    assert [key for key, _ in failed] == ["k3"] and "page_ids" in failed[0][1]
+    assert set(opened_by) == set(sizes) and all(name.startswith("comic-reader") for name in opened_by.values())
+    ctx = es.ContextualizedStore.open(out_url)
+    for seed, comic_id in ((0, "k1"), (1, "k2"), (3, "k4")):
+        reader = real_comic(store.Stage3Store.open(stage3_url), comic_id)
+        assert ctx.attrs(comic_id)["page_ids"] == reader.page_ids  # set by load()
+        assert ctx.attrs(comic_id)["stage3_content_hash"] == reader.validate().content_hash
+        expected_panels, _ = fake_encode(features_of(comic_id, sizes[comic_id], seed))
+        np.testing.assert_allclose(ctx.read(comic_id).panel_embeddings, expected_panels, rtol=1e-6)
 
 
 def test_a_comic_changed_since_its_pinned_hash_is_not_embedded(tmp_path):

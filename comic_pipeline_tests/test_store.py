@@ -864,3 +864,23 @@ def test_an_object_store_that_does_not_answer_is_not_the_comics_problem(tiny_nat
         reader.features()
     with pytest.raises(ConnectionResetError, match="went away"):
         reader.read("fused")  # one array at a time: the same
+
+
+def test_comics_with_the_same_array_metadata_each_read_their_own_chunks(empty_store, make_comic_arrays):
+    """The direct reader parses each distinct array document once; comics sharing one still read
+    their own chunk files."""
+    rng = np.random.default_rng(3)
+    written = {}
+    for name in ("first", "second", "third"):  # same pages, panels, dims: identical zarr.json files
+        written[name] = make_comic_arrays(rng, n_pages=3, max_panels=P, dim=DIM, max_boxes=B)
+        store.write_native_comic(empty_store, name, page_ids=["p0", "p1", "p2"], title=name, arrays=written[name])
+    documents = {open(os.path.join(empty_store, "comics", name, "visual", "zarr.json"), "rb").read()
+                 for name in written}
+    assert len(documents) == 1
+    opened = Stage3Store.open(empty_store)
+    for name, arrays in written.items():
+        reader = opened.comic(name)
+        assert isinstance(reader._source, stage3_native.DirectComicArrays)
+        mask = arrays["panel_mask"]
+        np.testing.assert_array_equal(reader.read("visual"), zeroed(arrays["visual"], mask))
+        np.testing.assert_array_equal(reader.read("fused"), zeroed(arrays["panel_embeddings"], mask))

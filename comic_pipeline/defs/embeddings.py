@@ -103,10 +103,10 @@ def contextualized_embeddings(
         context.log.error(f"{comic.comic_id}: not embedded: {error}")
 
     comics = []
-    for key in wanted:
-        try:
-            comics.append(embedding_pipeline.ComicInput.from_reader(store.comic(key), pinned_hash=pins[key]))
-        except Stage3StoreError as error:  # its layout broke since validation
+    for key in wanted:  # opened by the pipeline's reader threads (a group that broke since its
+        try:            # validation fails there, alone); here only its name is looked up
+            comics.append(embedding_pipeline.ComicInput.from_store(store, key, pinned_hash=pins[key]))
+        except Stage3StoreError as error:  # no longer in the store
             failed[key] = f"{type(error).__name__}: {error}"
     url = storage.contextualized_url()
     progress = _Progress(context, total=len(comics))
