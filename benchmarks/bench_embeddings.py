@@ -22,18 +22,22 @@ Encoder: the real SequenceModel (random init, eval mode) through inference.embed
 comic_pipeline.model/training exist — the "demo" preset on the whole corpus and the "full" preset
 (512/6/8) on a few comics for (a), "demo" for (b) and (c) — else a fixed random projection; the
 table says which. (a) is best-of-3 interleaved rounds, since a shared machine slows both alike.
+(a) and (io) read Stage 3 as the asset reads a run of that many comics (reader processes beside
+reader threads, embedding_pipeline.reader_process_count; --reader-processes overrides); the
+processes are started before the timed rounds, and the table says how long that took.
 --device (default auto: CUDA when there is one) is where the model runs; on CUDA it runs under
 bf16 autocast as the asset does, and (a) adds model FLOP utilisation (MFU): the model's forward
 FLOPs per page times pages/s, over a measured dense bf16 matmul rate (bench_training's).
 
     .venv/bin/python benchmarks/bench_embeddings.py [--base-comics N] [--batch-pages B]
         [--presets demo,full] [--full-comics 24] [--backfill-comics 200] [--projection] [--skip-rss]
-        [--skip-io] [--candidate-comics 200] [--device auto]
+        [--skip-io] [--candidate-comics 200] [--device auto] [--reader-processes N]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -88,15 +92,37 @@ def _write_random_stage3_store(url: str, n_comics: int, dim: int = 64, max_panel
 
 
 def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
-                 limit: int | None = None) -> list[embedding_pipeline.ComicInput]:
+                 limit: int | None = None, processes=None) -> list[embedding_pipeline.ComicInput]:
     """Lazy inputs over a Stage 3 store, as the contextualized_embeddings asset builds them: each
-    load() opens its comic (in a reader thread), validates it (content hash) and reads its
-    features. The end-to-end timings include this call, as the asset's run does."""
+    load() opens its comic (in a reader thread, or in one of `processes`), validates it (content
+    hash) and reads its features. The end-to-end timings include this call, as the asset's run
+    does."""
     from comic_pipeline.store import Stage3Store
 
     store = Stage3Store.open(stage3_url)
-    return [embedding_pipeline.ComicInput.from_store(store, comic_id, modalities)
+    return [embedding_pipeline.ComicInput.from_store(store, comic_id, modalities, processes=processes)
             for comic_id in store.comic_ids()[:limit]]
+
+
+READER_PROCESSES: int | None = None  # --reader-processes; None: the asset's rule for the run's size
+
+
+@contextlib.contextmanager
+def asset_readers(n_comics: int):
+    """(reader process pool or None, its description) as the asset would read a run of
+    `n_comics`; the processes are started (and timed) here, outside the timed runs: a run of
+    the asset pays that start once."""
+    from comic_pipeline import inference
+
+    count = embedding_pipeline.reader_process_count(READER_PROCESSES, n_comics,
+                                                    inference.encoder_cpu_threads(DEVICE))
+    if not count:
+        yield None, "reader threads"
+        return
+    t0 = time.perf_counter()
+    with embedding_pipeline.reader_processes(count) as pool:
+        list(pool.map(abs, range(count * 4)))  # every process up
+        yield pool, f"{count} reader process(es), started in {time.perf_counter() - t0:.1f} s (once per run, not timed)"
 
 
 # --- encoders ---------------------------------------------------------------------------------
@@ -174,27 +200,29 @@ def measure_throughput(stage3_url: str, out_url: str, batch_pages: int, force_pr
                        preset: str = "demo", limit: int | None = None, rounds: int = 3) -> dict:
     encode, modalities, encoder_name = build_encoder(stage3_url, force_projection, preset)
     # bare encode: the same batches (pages of consecutive comics, batch_pages each) from memory
-    everything = PageFeatures.concatenate([comic.load() for comic in comic_inputs(stage3_url, modalities, limit)])
+    all_inputs = comic_inputs(stage3_url, modalities, limit)
+    everything = PageFeatures.concatenate([comic.load() for comic in all_inputs])
     n_pages = everything.n_pages
     batches = [everything.select(slice(start, start + batch_pages)) for start in range(0, n_pages, batch_pages)]
     encode(batches[0])  # warm-up (allocator, thread pool)
     # interleaved rounds, best of each: other processes on a shared machine hit both alike
     bare_seconds, end_to_end_seconds = [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for batch in batches:
-            encode(batch)
-        bare_seconds.append(time.perf_counter() - t0)
-        # fresh inputs each round, timed: each comic is opened and its content hash computed on
-        # its load, as the asset's are (an input that knows its hash skips that work)
-        t0 = time.perf_counter()
-        inputs = comic_inputs(stage3_url, modalities, limit)
-        embedding_pipeline.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
-                                        model_name="bench", model_version="0", mlflow_run_id=None)
-        end_to_end_seconds.append(time.perf_counter() - t0)
+    with asset_readers(len(all_inputs)) as (processes, readers):
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for batch in batches:
+                encode(batch)
+            bare_seconds.append(time.perf_counter() - t0)
+            # fresh inputs each round, timed: each comic is opened and its content hash computed on
+            # its load, as the asset's are (an input that knows its hash skips that work)
+            t0 = time.perf_counter()
+            inputs = comic_inputs(stage3_url, modalities, limit, processes)
+            embedding_pipeline.embed_and_write(out_url, inputs, encode, batch_pages=batch_pages,
+                                               model_name="bench", model_version="0", mlflow_run_id=None)
+            end_to_end_seconds.append(time.perf_counter() - t0)
     bare, end_to_end = min(bare_seconds), min(end_to_end_seconds)
     return {
-        "encoder": encoder_name, "comics": len(inputs), "pages": n_pages,
+        "encoder": encoder_name, "comics": len(inputs), "pages": n_pages, "readers": readers,
         "bare_pages_per_s": n_pages / bare, "end_to_end_pages_per_s": n_pages / end_to_end,
         "ratio": bare / end_to_end, "flops_per_page": getattr(encode, "flops_per_page", None),
     }
@@ -242,28 +270,33 @@ def measure_io_path(stage3_url: str, out_url: str, raw_folder: str, batch_pages:
         for name, values in arrays.items():
             np.save(os.path.join(source, key, f"{name}.npy"), values)
     pipeline_seconds, raw_seconds = [], []
-    for round_index in range(rounds):
-        t0 = time.perf_counter()
-        inputs = comic_inputs(stage3_url, None)  # the store's listing and the inputs: the run's too
-        embedding_pipeline.embed_and_write(out_url, inputs, identity_encode, batch_pages=batch_pages,
-                                           model_name="bench", model_version=str(round_index),
-                                           mlflow_run_id=None)
-        pipeline_seconds.append(time.perf_counter() - t0)
-        target = os.path.join(raw_folder, f"out{round_index}")
-        t0 = time.perf_counter()
-        for key in stored:
-            arrays = {name[:-4]: np.load(os.path.join(source, key, name))
-                      for name in os.listdir(os.path.join(source, key))}
-            mask = arrays["panel_mask"]
-            panels = arrays["panel_embeddings"].astype(np.float32)  # what the pipeline writes
-            os.makedirs(os.path.join(target, key))
-            np.save(os.path.join(target, key, "panel_embeddings.npy"), panels)
-            np.save(os.path.join(target, key, "strip_embeddings.npy"), panels.mean(1))
-            np.save(os.path.join(target, key, "panel_mask.npy"), mask)
-        raw_seconds.append(time.perf_counter() - t0)
+    with asset_readers(len(stored)) as (processes, readers):
+        for round_index in range(rounds):
+            t0 = time.perf_counter()
+            inputs = comic_inputs(stage3_url, None, None, processes)  # the listing and inputs: the run's too
+            embedding_pipeline.embed_and_write(out_url, inputs, identity_encode, batch_pages=batch_pages,
+                                               model_name="bench", model_version=str(round_index),
+                                               mlflow_run_id=None)
+            pipeline_seconds.append(time.perf_counter() - t0)
+            raw_seconds.append(_raw_numpy_round(stored, source, os.path.join(raw_folder, f"out{round_index}")))
     pipeline, raw = min(pipeline_seconds), min(raw_seconds)
     return {"comics": len(stored), "pages": n_pages, "io_pages_per_s": n_pages / pipeline,
-            "raw_pages_per_s": n_pages / raw, "ratio": raw / pipeline}
+            "raw_pages_per_s": n_pages / raw, "ratio": raw / pipeline, "readers": readers}
+
+
+def _raw_numpy_round(stored: dict, source: str, target: str) -> float:
+    """Seconds to move the comics' bytes as plain numpy files: read, cast, write (the raw limit)."""
+    t0 = time.perf_counter()
+    for key in stored:
+        arrays = {name[:-4]: np.load(os.path.join(source, key, name))
+                  for name in os.listdir(os.path.join(source, key))}
+        mask = arrays["panel_mask"]
+        panels = arrays["panel_embeddings"].astype(np.float32)  # what the pipeline writes
+        os.makedirs(os.path.join(target, key))
+        np.save(os.path.join(target, key, "panel_embeddings.npy"), panels)
+        np.save(os.path.join(target, key, "strip_embeddings.npy"), panels.mean(1))
+        np.save(os.path.join(target, key, "panel_mask.npy"), mask)
+    return time.perf_counter() - t0
 
 
 # --- (d) output-store candidates --------------------------------------------------------------
@@ -457,13 +490,17 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-io", action="store_true", help="skip figures (io) and (d)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
+    parser.add_argument("--reader-processes", type=int, default=None,
+                        help="Stage 3 reader processes of (a) and (io) (default: the asset's rule for the "
+                        "run's size; 0: reader threads only)")
     parser.add_argument("--candidate-comics", type=int, default=200,
                         help="comics written by each output-store candidate in (d)")
     parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when there "
                         "is one), cpu, cuda[:N]")
     parser.add_argument("--rss-worker", nargs=2, metavar=("STAGE3_URL", "OUT_URL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global TORCH_THREADS, DEVICE
+    global TORCH_THREADS, DEVICE, READER_PROCESSES
+    READER_PROCESSES = args.reader_processes
     if args.threads is not None:
         TORCH_THREADS = max(1, args.threads)
     DEVICE = args.device
@@ -488,6 +525,7 @@ def main() -> None:
                                             args.projection, preset, limit)
             rows += [
                 (f"(a) [{preset}] encoder", throughput["encoder"]),
+                (f"(a) [{preset}] Stage 3 read by", throughput["readers"]),
                 (f"(a) [{preset}] pages", f"{throughput['pages']} pages of {throughput['comics']} comics"),
                 (f"(a) [{preset}] bare encode", f"{throughput['bare_pages_per_s']:,.0f} pages/s"),
                 (f"(a) [{preset}] end to end read->encode->write",
@@ -508,6 +546,7 @@ def main() -> None:
             rows += [
                 ("(io) I/O path, identity encoder", f"{io['io_pages_per_s']:,.0f} pages/s "
                                                     f"({io['pages']} pages of {io['comics']} comics)"),
+                ("(io) Stage 3 read by", io["readers"]),
                 ("(io) raw limit, numpy files", f"{io['raw_pages_per_s']:,.0f} pages/s"),
                 ("(io) I/O path / raw limit", f"{io['ratio']:.2f} (target >= 0.5)"),
             ]

@@ -8,9 +8,11 @@ encoded. Memory stays at one batch plus a few comics however many comics go thro
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -55,14 +57,22 @@ class ComicInput:
 
     @classmethod
     def from_store(cls, store, comic_id: str, modalities: Iterable[str] | None = None,
-                   pinned_hash: str | None = None) -> "ComicInput":
+                   pinned_hash: str | None = None, processes: Executor | None = None) -> "ComicInput":
         """Lazy input over the comic `comic_id` (its key) of a comic_pipeline.store.Stage3Store,
         opened only by load(), so a run's comics are opened by the reader threads, ahead of the
-        encoder, instead of one after another before the first comic is read (about 1.5 ms per
-        comic on a local disk, a few object-store round trips each on S3). load() also sets
+        encoder, instead of one after another before the first comic is read (0.3-0.6 ms per
+        comic on a local disk, several object-store round trips each on S3). load() also sets
         page_ids; a comic whose group cannot be opened fails there, alone. The rest is as
-        from_reader."""
+        from_reader. With `processes` (reader_processes()), the comic is read, checked and
+        hashed in one of those processes and its features sent back."""
+        wanted = None if modalities is None else sorted(modalities)
+
         def load() -> PageFeatures:
+            if processes is not None:
+                comic.page_ids, comic.content_hash, features = processes.submit(
+                    _load_in_reader_process, store.url, store.metadata_url, comic_id, wanted,
+                    pinned_hash).result()
+                return features
             reader = store.comic(comic_id)
             comic.page_ids = list(reader.page_ids)
             return _read_features(comic, reader, modalities, pinned_hash)
@@ -88,6 +98,61 @@ def _read_features(comic: ComicInput, reader, modalities: Iterable[str] | None,
         check_pins({reader.comic_id: pinned_hash}, {reader.comic_id: comic.content_hash},
                    {reader.comic_id: reader.name})
     return features
+
+
+# --- reader processes ---------------------------------------------------------------------------
+MIN_COMICS_FOR_READER_PROCESSES = 16  # a run this small reads in threads: a process takes ~1 s to start
+MAX_READER_PROCESSES = 4
+
+
+def reader_process_count(configured: int | None, n_comics: int, encoder_threads: int,
+                         cores: int | None = None) -> int:
+    """How many reader processes a run of `n_comics` gets: `configured` when set; else none for
+    a run of fewer than MIN_COMICS_FOR_READER_PROCESSES comics, and otherwise one per core the
+    encoder leaves free (`encoder_threads`: torch's CPU threads on a CPU device, 1 for the
+    process driving a GPU), at most MAX_READER_PROCESSES.
+
+    Measured on 2 cores with the demo model (README "Benchmarks"): one torch thread and one
+    reader process gave 1.28x the pages/s of reader threads alone; two torch threads and a
+    reader process gave less than threads, the processes taking the encoder's cores."""
+    if configured is not None:
+        return configured
+    if n_comics < MIN_COMICS_FOR_READER_PROCESSES:
+        return 0
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(MAX_READER_PROCESSES, cores - max(1, encoder_threads)))
+
+
+def reader_processes(count: int) -> ProcessPoolExecutor:
+    """`count` processes that read Stage 3 comics for ComicInput.from_store(..., processes=):
+    the reads, checks and content hashing of an embedding run leave the encoder's process, so
+    they no longer take turns with it for one interpreter lock (reader_process_count says how
+    many are worth it). Spawned, not
+    forked: the run's process has threads (Dagster's, zarr's event loop) that a fork would copy
+    in whatever state they are in. Each process costs about a second to start; use it as a
+    context manager (it shuts the processes down)."""
+    if count < 1:
+        raise ValueError(f"reader processes must be at least 1, got {count}")
+    return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
+
+
+_OPENED_STORES: dict[tuple[str, str | None], object] = {}  # per reader process, by (url, metadata_url)
+
+
+def _load_in_reader_process(store_url: str, metadata_url: str | None, comic_id: str,
+                            modalities: list[str] | None, pinned_hash: str | None
+                            ) -> tuple[list[str], str, PageFeatures]:
+    """A from_store input's load() in a reader process: (page ids, content hash, features)."""
+    from comic_pipeline.store import Stage3Store
+
+    store = _OPENED_STORES.get((store_url, metadata_url))
+    if store is None:  # opened once per process; comic() relists for comics added since
+        store = _OPENED_STORES[(store_url, metadata_url)] = Stage3Store.open(store_url, metadata_url)
+    reader = store.comic(comic_id)
+    comic = ComicInput(comic_id, list(reader.page_ids), None, load=None, name=reader.name)
+    features = _read_features(comic, reader, modalities, pinned_hash)
+    return comic.page_ids, comic.content_hash, features
 
 
 @dataclass(frozen=True)

@@ -251,8 +251,9 @@ class Stage3Store:
 
     def __init__(self, url: str, layout: str, root: zarr.Group, *, dim: int, max_panels: int,
                  comics: Mapping[str, object], problems: Mapping[str, tuple[str, str]],
-                 max_boxes: int = 0, warnings: Sequence[str] = ()):
+                 max_boxes: int = 0, warnings: Sequence[str] = (), metadata_url: str | None = None):
         self.url = url
+        self.metadata_url = metadata_url  # a legacy store's page list (open() reads it)
         self.layout = layout  # "native" | "legacy"
         self.dim = dim
         self.max_panels = max_panels
@@ -295,7 +296,7 @@ class Stage3Store:
         index: LegacyIndex = read_legacy_metadata(metadata_url, n_rows=embeddings.shape[0])
         return cls(url, "legacy", root, dim=int(embeddings.shape[2]),
                    max_panels=int(embeddings.shape[1]), comics=index.comics,
-                   problems=index.problems, warnings=index.orphan_records)
+                   problems=index.problems, warnings=index.orphan_records, metadata_url=metadata_url)
 
     def _relist(self) -> None:
         self._comics, self._problems = _native_folders(self.url)

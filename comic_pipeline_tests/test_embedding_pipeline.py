@@ -278,6 +278,57 @@ def test_inputs_from_a_store_open_their_comics_in_the_reader_threads(tmp_path, m
         np.testing.assert_allclose(ctx.read(comic_id).panel_embeddings, expected_panels, rtol=1e-6)
 
 
+
+def test_reader_processes_read_check_and_hash_as_the_threads_do(tmp_path):
+    """The same run with a reader process writes the same comics, stamps the same content hashes
+    and page ids, and a comic that fails there (changed since its pin, broken group) fails alone
+    with its own error."""
+    stage3_url = str(tmp_path / "stage3.zarr")
+    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
+    sizes = {"k1": 3, "k2": 4, "k3": 2, "k4": 5}
+    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
+        features = features_of(comic_id, n_pages, seed)
+        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
+                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
+    stage3 = store.Stage3Store.open(stage3_url)
+    pins = {key: stage3.comic(key).validate().content_hash for key in sizes}
+    pins["k2"] = "0" * 64  # as if Stage 3 rewrote k2 after its validation
+    document_path = tmp_path / "stage3.zarr" / "comics" / "k3" / "zarr.json"
+    document = json.loads(document_path.read_text())
+    document["attributes"]["page_ids"] = ["same", "same"]
+    document_path.write_text(json.dumps(document))
+
+    def run(processes) -> tuple[list, list, es.ContextualizedStore]:
+        out_url = str(tmp_path / f"ctx-{'processes' if processes else 'threads'}.zarr")
+        inputs = [ep.ComicInput.from_store(stage3, key, pinned_hash=pins[key], processes=processes)
+                  for key in sizes]
+        failed = []
+        written = ep.embed_and_write(out_url, inputs, fake_encode, batch_pages=5, model_name="m",
+                                     model_version="1", mlflow_run_id=None,
+                                     on_comic_failed=lambda comic, error: failed.append((comic.comic_id, error)))
+        return [w.comic_id for w in written], failed, es.ContextualizedStore.open(out_url)
+
+    with ep.reader_processes(1) as processes:
+        written, failed, by_processes = run(processes)
+    assert written == ["k1", "k4"]
+    assert [key for key, _ in failed] == ["k2", "k3"]
+    assert isinstance(failed[0][1], store.Stage3Changed) and "(key 'k2'): pinned 000000000000" in str(failed[0][1])
+    assert isinstance(failed[1][1], store.Stage3StoreError) and "duplicate page ids ['same']" in str(failed[1][1])
+    threads_written, threads_failed, by_threads = run(None)
+    assert threads_written == written and [str(e) for _, e in threads_failed] == [str(e) for _, e in failed]
+    for key in written:
+        ours, theirs = by_processes.read(key), by_threads.read(key)
+        np.testing.assert_array_equal(ours.panel_embeddings, theirs.panel_embeddings)
+        for attr in ("page_ids", "stage3_content_hash", "comic_name", "n_pages"):
+            assert ours.attrs[attr] == theirs.attrs[attr]
+        assert ours.attrs["stage3_content_hash"] == pins[key]
+
+
+def test_reader_processes_must_be_at_least_one():
+    with pytest.raises(ValueError, match="reader processes must be at least 1, got 0"):
+        ep.reader_processes(0)
+
+
 def test_a_comic_changed_since_its_pinned_hash_is_not_embedded(tmp_path):
     stage3_url = str(tmp_path / "stage3.zarr")
     store.create_native_store(stage3_url, dim=D_IN, max_panels=P)

@@ -1,9 +1,10 @@
 """Contextualized panel and strip embeddings for Stage 5, made by the champion model."""
 
 
+import contextlib
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Optional
 
 import dagster as dg
 from pydantic import Field
@@ -44,6 +45,14 @@ def comics_per_embedding_run(environ: Mapping[str, str] | None = None) -> int:
 
 class EmbeddingConfig(dg.Config):
     batch_pages: int = Field(default=256, description="Pages per model batch (across comics).")
+    reader_processes: Optional[int] = Field(
+        default=None, ge=0,
+        description="Processes that read, check and hash the run's Stage 3 comics, off the "
+        "encoder's process. Unset: none for a run of fewer than "
+        f"{embedding_pipeline.MIN_COMICS_FOR_READER_PROCESSES} comics (each takes about a second to "
+        "start), else one per core the encoder leaves free (torch's CPU threads on a CPU device, "
+        f"one for a GPU), at most {embedding_pipeline.MAX_READER_PROCESSES}. 0: reader threads in "
+        "the run's process only.")
 
 
 @dg.asset(
@@ -102,35 +111,44 @@ def contextualized_embeddings(
         failed[comic.comic_id] = f"{type(error).__name__}: {error}"
         context.log.error(f"{comic.comic_id}: not embedded: {error}")
 
-    comics = []
-    for key in wanted:  # opened by the pipeline's reader threads (a group that broke since its
-        try:            # validation fails there, alone); here only its name is looked up
-            comics.append(embedding_pipeline.ComicInput.from_store(store, key, pinned_hash=pins[key]))
-        except Stage3StoreError as error:  # no longer in the store
-            failed[key] = f"{type(error).__name__}: {error}"
-    url = storage.contextualized_url()
-    progress = _Progress(context, total=len(comics))
-    # each comic's materialization is recorded as soon as its commit is on the store, so a run
-    # that dies midway keeps, in Dagster too, every comic it wrote
-    for comic in embedding_pipeline.iter_embed_and_write(
-        url, comics,
-        encode=lambda features: inference.embed_pages(model, features, device=device),
-        batch_pages=config.batch_pages, model_name=champion.name,
-        model_version=version, mlflow_run_id=run_id, on_comic_failed=comic_failed,
-    ):
-        progress.comic_written(comic.comic_id, comic.n_pages, comic.seconds)
-        yield dg.AssetMaterialization(
-            asset_key=context.asset_key, partition=comic.comic_id,
-            metadata={
-                "comic": comic.name,
-                "pages": comic.n_pages,
-                "panels": comic.n_panels,
-                "model_version": version,
-                "mlflow_run_id": run_id,
-                "output": dg.MetadataValue.path(comic.url),
-                "seconds": round(comic.seconds, 3),
-            },
-        )
+    # the cores the encoder keeps busy: torch's CPU threads, or the one thread driving a GPU
+    encoder_threads = inference.encoder_cpu_threads(device)
+    n_processes = embedding_pipeline.reader_process_count(config.reader_processes, len(wanted), encoder_threads)
+    with contextlib.ExitStack() as closing:
+        processes = (closing.enter_context(embedding_pipeline.reader_processes(n_processes))
+                     if n_processes else None)
+        comics = []
+        for key in wanted:  # opened by the pipeline's readers (a group that broke since its
+            try:            # validation fails there, alone); here only its name is looked up
+                comics.append(embedding_pipeline.ComicInput.from_store(store, key, pinned_hash=pins[key],
+                                                                       processes=processes))
+            except Stage3StoreError as error:  # no longer in the store
+                failed[key] = f"{type(error).__name__}: {error}"
+        context.log.info(f"{len(comics)} comics to embed; Stage 3 read by "
+                         + (f"{n_processes} reader process(es)" if n_processes else "reader threads"))
+        url = storage.contextualized_url()
+        progress = _Progress(context, total=len(comics))
+        # each comic's materialization is recorded as soon as its commit is on the store, so a run
+        # that dies midway keeps, in Dagster too, every comic it wrote
+        for comic in embedding_pipeline.iter_embed_and_write(
+            url, comics,
+            encode=lambda features: inference.embed_pages(model, features, device=device),
+            batch_pages=config.batch_pages, model_name=champion.name,
+            model_version=version, mlflow_run_id=run_id, on_comic_failed=comic_failed,
+        ):
+            progress.comic_written(comic.comic_id, comic.n_pages, comic.seconds)
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key, partition=comic.comic_id,
+                metadata={
+                    "comic": comic.name,
+                    "pages": comic.n_pages,
+                    "panels": comic.n_panels,
+                    "model_version": version,
+                    "mlflow_run_id": run_id,
+                    "output": dg.MetadataValue.path(comic.url),
+                    "seconds": round(comic.seconds, 3),
+                },
+            )
     context.log.info(progress.summary())
     if failed:
         raise dg.Failure(

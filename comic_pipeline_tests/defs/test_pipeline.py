@@ -149,6 +149,30 @@ def test_contextualized_embeddings_are_stamped_with_the_champion(trained_pipelin
     assert comic.strip_embeddings.shape[0] == comic.panel_mask.shape[0]
 
 
+
+def test_a_backfill_run_reads_stage3_in_processes_and_writes_what_threads_write(trained_pipeline):
+    """48 comics in one run: a reader process and reader threads only (reader_processes: 0)
+    write the same embeddings and stamps."""
+    pipeline = trained_pipeline
+    output = ContextualizedStore.open(pipeline.resources["storage"].contextualized_url())
+    runs = {}
+    for label, config in (("processes", {"reader_processes": 1}), ("threads", {"reader_processes": 0})):
+        run = pipeline.materialize_all_comics(
+            ["contextualized_embeddings"],
+            run_config={"ops": {"contextualized_embeddings": {"config": config}}})
+        assert run.success
+        messages = [entry.user_message for entry in pipeline.instance.all_logs(run.run_id)]
+        said = [m for m in messages if "Stage 3 read by" in m]
+        assert said and ("reader process(es)" in said[0]) == (label == "processes"), said
+        runs[label] = {key: output.read(key) for key in pipeline.comic_ids}
+    for key in pipeline.comic_ids:
+        by_processes, by_threads = runs["processes"][key], runs["threads"][key]
+        np.testing.assert_array_equal(by_processes.panel_embeddings, by_threads.panel_embeddings)
+        np.testing.assert_array_equal(by_processes.strip_embeddings, by_threads.strip_embeddings)
+        for attr in ("stage3_content_hash", "page_ids", "comic_name", "model_version"):
+            assert by_processes.attrs[attr] == by_threads.attrs[attr]
+
+
 def test_the_output_keeps_names_groups_pages_per_comic_and_in_natural_order(trained_pipeline):
     output = ContextualizedStore.open(trained_pipeline.resources["storage"].contextualized_url())
     keys = {comic_key(name): name for name in TINY_NAMES}
