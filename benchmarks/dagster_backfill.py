@@ -212,21 +212,27 @@ def time_dagster_backfill(instance, pipeline_resources: dict, comic_ids: list[st
 def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[str], batch_pages: int,
                       device: str = "auto") -> float:
     """Seconds of embed_and_write over the same comics with the champion model, as the asset's
-    body does it (lazy inputs with all modalities, content hash validated on load), minus Dagster."""
+    body does it (lazy inputs with all modalities, content hash validated on load, the reader
+    processes the asset's rule gives, started inside the timing as a run starts them), minus
+    Dagster."""
     from comic_pipeline import embedding_pipeline, inference
     from comic_pipeline.store import Stage3Store
 
     version = tracking.champion_version()
     model = tracking.load_model(version)
     run_id = tracking.run_id_of(version)
+    count = embedding_pipeline.reader_process_count(None, len(comic_ids), inference.encoder_cpu_threads(device))
     started = time.perf_counter()  # the store's listing and the inputs are the asset's work too
-    store = Stage3Store.open(stage3_url)
-    comics = [embedding_pipeline.ComicInput.from_store(store, comic_id) for comic_id in comic_ids]
-    written = embedding_pipeline.embed_and_write(
-        out_url, comics, encode=lambda features: inference.embed_pages(model, features, device=device),
-        batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,
-        mlflow_run_id=run_id,
-    )
+    with contextlib.ExitStack() as closing:
+        processes = closing.enter_context(embedding_pipeline.reader_processes(count)) if count else None
+        store = Stage3Store.open(stage3_url)
+        comics = [embedding_pipeline.ComicInput.from_store(store, comic_id, processes=processes)
+                  for comic_id in comic_ids]
+        written = embedding_pipeline.embed_and_write(
+            out_url, comics, encode=lambda features: inference.embed_pages(model, features, device=device),
+            batch_pages=batch_pages, model_name=tracking.registered_model_name, model_version=version,
+            mlflow_run_id=run_id,
+        )
     seconds = time.perf_counter() - started
     if len(written) != len(comic_ids):
         raise RuntimeError(f"embed_and_write wrote {len(written)} comics, expected {len(comic_ids)}")
@@ -312,6 +318,7 @@ def main() -> None:
 
     import torch
 
+    from comic_pipeline import embedding_pipeline
     from comic_pipeline import home as home_module
     from comic_pipeline.defs.embeddings import EmbeddingConfig
 
@@ -367,7 +374,9 @@ def main() -> None:
                        f"(written in {setup['store']:.1f} s)"),
             ("model", f"SequenceModel demo preset, random init (seed 0), MLflow version {version} as champion "
                       f"(set up in {setup['champion']:.1f} s)"),
-            ("settings", f"batch_pages {batch_pages}, torch threads {args.threads}, "
+            ("settings", f"batch_pages {batch_pages}, torch threads {args.threads}, Stage 3 reader "
+                         f"processes per run as the asset's rule gives "
+                         f"({embedding_pipeline.reader_process_count(None, per_run or len(comic_ids), args.threads)}), "
                          f"best of {args.rounds} interleaved round(s); {n_runs} run(s) of at most "
                          f"{per_run or len(comic_ids)} comics, each a dg.materialize in this process "
                          f"(run-process launch not included: bench_run_overhead.py)"),
