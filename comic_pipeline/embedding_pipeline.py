@@ -1,7 +1,8 @@
 """Streaming many comics through a model into the contextualized-embedding store.
 
 ``embed_and_write``: pages of several comics share one batch; comics are read by a small pool of
-reader threads several comics ahead of the encoder (reads overlap compute); each comic is written
+reader threads several comics ahead of the encoder (reads overlap compute; with reader_processes,
+the threads hand the reading, checking and hashing to other processes); each comic is written
 (committed) by a helper thread as soon as its last page is embedded, while the next batch is
 encoded. Memory stays at one batch plus a few comics however many comics go through.
 """
@@ -113,7 +114,7 @@ def reader_process_count(configured: int | None, n_comics: int, encoder_threads:
     process driving a GPU), at most MAX_READER_PROCESSES.
 
     Measured on 2 cores with the demo model (README "Benchmarks"): one torch thread and one
-    reader process gave 1.28x the pages/s of reader threads alone; two torch threads and a
+    reader process gave 1.2-1.3x the pages/s of reader threads alone; two torch threads and a
     reader process gave less than threads, the processes taking the encoder's cores."""
     if configured is not None:
         return configured
@@ -128,10 +129,10 @@ def reader_processes(count: int) -> ProcessPoolExecutor:
     """`count` processes that read Stage 3 comics for ComicInput.from_store(..., processes=):
     the reads, checks and content hashing of an embedding run leave the encoder's process, so
     they no longer take turns with it for one interpreter lock (reader_process_count says how
-    many are worth it). Spawned, not
-    forked: the run's process has threads (Dagster's, zarr's event loop) that a fork would copy
-    in whatever state they are in. Each process costs about a second to start; use it as a
-    context manager (it shuts the processes down)."""
+    many are worth it). Spawned, not forked: the run's process has threads (Dagster's, zarr's
+    event loop) that a fork would copy in whatever state they are in. Each process costs about
+    a second to start; use it as a context manager (it shuts the processes down). A process
+    that dies (killed, out of memory) fails every comic still to be read with it."""
     if count < 1:
         raise ValueError(f"reader processes must be at least 1, got {count}")
     return ProcessPoolExecutor(max_workers=count, mp_context=multiprocessing.get_context("spawn"))
