@@ -22,9 +22,9 @@ Encoder: the real SequenceModel (random init, eval mode) through inference.embed
 comic_pipeline.model/training exist — the "demo" preset on the whole corpus and the "full" preset
 (512/6/8) on a few comics for (a), "demo" for (b) and (c) — else a fixed random projection; the
 table says which. (a) is best-of-3 interleaved rounds, since a shared machine slows both alike.
-(a) and (io) read Stage 3 as the asset reads a run of that many comics (reader processes beside
-reader threads, embedding_pipeline.reader_process_count; --reader-processes overrides); the
-processes are started before the timed rounds, and the table says how long that took.
+(a) and (io) read Stage 3 as the asset reads a run of that many comics: reader threads, or with
+--reader-processes N that many reader processes behind them (embedding_pipeline.reader_process_count);
+the processes are started before the timed rounds, and the table says how long that took.
 --device (default auto: CUDA when there is one) is where the model runs; on CUDA it runs under
 bf16 autocast as the asset does, and (a) adds model FLOP utilisation (MFU): the model's forward
 FLOPs per page times pages/s, over a measured dense bf16 matmul rate (bench_training's).
@@ -104,7 +104,7 @@ def comic_inputs(stage3_url: str, modalities: frozenset[str] | None,
             for comic_id in store.comic_ids()[:limit]]
 
 
-READER_PROCESSES: int | None = None  # --reader-processes; None: the asset's rule for the run's size
+READER_PROCESSES = 0  # --reader-processes (the asset's EmbeddingConfig.reader_processes)
 
 
 @contextlib.contextmanager
@@ -112,10 +112,7 @@ def asset_readers(n_comics: int):
     """(reader process pool or None, its description) as the asset would read a run of
     `n_comics`; the processes are started (and timed) here, outside the timed runs: a run of
     the asset pays that start once."""
-    from comic_pipeline import inference
-
-    count = embedding_pipeline.reader_process_count(READER_PROCESSES, n_comics,
-                                                    inference.encoder_cpu_threads(DEVICE))
+    count = embedding_pipeline.reader_process_count(READER_PROCESSES, n_comics)
     if not count:
         yield None, "reader threads"
         return
@@ -490,9 +487,9 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--skip-io", action="store_true", help="skip figures (io) and (d)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: usable cores)")
-    parser.add_argument("--reader-processes", type=int, default=None,
-                        help="Stage 3 reader processes of (a) and (io) (default: the asset's rule for the "
-                        "run's size; 0: reader threads only)")
+    parser.add_argument("--reader-processes", type=int, default=0,
+                        help="Stage 3 reader processes of (a) and (io), as the asset's reader_processes "
+                        "(default 0: reader threads only)")
     parser.add_argument("--candidate-comics", type=int, default=200,
                         help="comics written by each output-store candidate in (d)")
     parser.add_argument("--device", default="auto", help="where the model runs: auto (CUDA when there "

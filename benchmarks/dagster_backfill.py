@@ -167,6 +167,9 @@ def _asset_seconds(instance, run_id: str) -> float:
     return float("nan")
 
 
+READER_PROCESSES = 0  # --reader-processes: the asset's reader_processes, in both halves
+
+
 def time_dagster_run(instance, pipeline_resources: dict, comic_ids: list[str], batch_pages: int | None
                      ) -> tuple[float, float]:
     """(wall seconds of one dg.materialize of contextualized_embeddings over comic_ids' partition
@@ -180,8 +183,11 @@ def time_dagster_run(instance, pipeline_resources: dict, comic_ids: list[str], b
     assets = graph_definitions(defs())
     # console at WARNING keeps the terminal readable; every event still goes to the instance
     run_config: dict = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    if batch_pages:
-        run_config["ops"] = {ASSET: {"config": {"batch_pages": batch_pages}}}
+    asset_config = {"batch_pages": batch_pages} if batch_pages else {}
+    if READER_PROCESSES:
+        asset_config["reader_processes"] = READER_PROCESSES
+    if asset_config:
+        run_config["ops"] = {ASSET: {"config": asset_config}}
     started = time.perf_counter()
     result = dg.materialize(
         assets=assets, resources=pipeline_resources, selection=[ASSET], instance=instance,
@@ -212,16 +218,16 @@ def time_dagster_backfill(instance, pipeline_resources: dict, comic_ids: list[st
 def time_pure_compute(tracking, stage3_url: str, out_url: str, comic_ids: list[str], batch_pages: int,
                       device: str = "auto") -> float:
     """Seconds of embed_and_write over the same comics with the champion model, as the asset's
-    body does it (lazy inputs with all modalities, content hash validated on load, the reader
-    processes the asset's rule gives, started inside the timing as a run starts them), minus
-    Dagster."""
+    body does it (lazy inputs with all modalities, content hash validated on load, reader
+    processes as --reader-processes says, started inside the timing as a run starts them),
+    minus Dagster."""
     from comic_pipeline import embedding_pipeline, inference
     from comic_pipeline.store import Stage3Store
 
     version = tracking.champion_version()
     model = tracking.load_model(version)
     run_id = tracking.run_id_of(version)
-    count = embedding_pipeline.reader_process_count(None, len(comic_ids), inference.encoder_cpu_threads(device))
+    count = embedding_pipeline.reader_process_count(READER_PROCESSES, len(comic_ids))
     started = time.perf_counter()  # the store's listing and the inputs are the asset's work too
     with contextlib.ExitStack() as closing:
         processes = closing.enter_context(embedding_pipeline.reader_processes(count)) if count else None
@@ -306,6 +312,8 @@ def main() -> None:
     parser.add_argument("--batch-pages", type=int, default=None,
                         help="pages per model batch (default: the asset's EmbeddingConfig default)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in both halves")
+    parser.add_argument("--reader-processes", type=int, default=0,
+                        help="Stage 3 reader processes per run in both halves (the asset's reader_processes)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds (pure, then each instance's backfill), best of each")
     parser.add_argument("--per-run", type=int, default=None,
@@ -315,6 +323,8 @@ def main() -> None:
                              + "; ".join(f"{kind} ({what})" for kind, what in INSTANCE_KINDS.items()))
     args = parser.parse_args()
     kinds = args.instances.split(",")
+    global READER_PROCESSES
+    READER_PROCESSES = args.reader_processes
 
     import torch
 
@@ -375,8 +385,7 @@ def main() -> None:
             ("model", f"SequenceModel demo preset, random init (seed 0), MLflow version {version} as champion "
                       f"(set up in {setup['champion']:.1f} s)"),
             ("settings", f"batch_pages {batch_pages}, torch threads {args.threads}, Stage 3 reader "
-                         f"processes per run as the asset's rule gives "
-                         f"({embedding_pipeline.reader_process_count(None, per_run or len(comic_ids), args.threads)}), "
+                         f"processes per run {embedding_pipeline.reader_process_count(READER_PROCESSES, per_run or len(comic_ids))}, "
                          f"best of {args.rounds} interleaved round(s); {n_runs} run(s) of at most "
                          f"{per_run or len(comic_ids)} comics, each a dg.materialize in this process "
                          f"(run-process launch not included: bench_run_overhead.py)"),

@@ -10,7 +10,6 @@ encoded. Memory stays at one batch plus a few comics however many comics go thro
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections import deque
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -103,33 +102,27 @@ def _read_features(comic: ComicInput, reader, modalities: Iterable[str] | None,
 
 # --- reader processes ---------------------------------------------------------------------------
 MIN_COMICS_FOR_READER_PROCESSES = 16  # a run this small reads in threads: a process takes ~1 s to start
-MAX_READER_PROCESSES = 4
 
 
-def reader_process_count(configured: int | None, n_comics: int, encoder_threads: int,
-                         cores: int | None = None) -> int:
-    """How many reader processes a run of `n_comics` gets: `configured` when set; else none for
-    a run of fewer than MIN_COMICS_FOR_READER_PROCESSES comics, and otherwise one per core the
-    encoder leaves free (`encoder_threads`: torch's CPU threads on a CPU device, 1 for the
-    process driving a GPU), at most MAX_READER_PROCESSES.
+def reader_process_count(configured: int | None, n_comics: int) -> int:
+    """How many reader processes a run of `n_comics` gets: `configured` (None: 0, threads only),
+    except that a run of fewer than MIN_COMICS_FOR_READER_PROCESSES comics reads in threads.
 
-    Measured on 2 cores with the demo model (README "Benchmarks"): one torch thread and one
-    reader process gave 1.2-1.3x the pages/s of reader threads alone; two torch threads and a
-    reader process gave less than threads, the processes taking the encoder's cores."""
-    if configured is not None:
-        return configured
-    if n_comics < MIN_COMICS_FOR_READER_PROCESSES:
+    Off unless asked for, because on the only machine measured (2 CPU cores, the demo model on
+    one torch thread; README "Benchmarks") a reader process made no consistent difference:
+    0.91x the pages/s of reader threads at the asset's 256-page batches, 1.07-1.28x at 64-page
+    batches. Where the encoder leaves cores idle (a GPU node) they should pay off; measure there
+    with bench_embeddings.py --reader-processes N before turning them on."""
+    if not configured or n_comics < MIN_COMICS_FOR_READER_PROCESSES:
         return 0
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(MAX_READER_PROCESSES, cores - max(1, encoder_threads)))
+    return configured
 
 
 def reader_processes(count: int) -> ProcessPoolExecutor:
     """`count` processes that read Stage 3 comics for ComicInput.from_store(..., processes=):
     the reads, checks and content hashing of an embedding run leave the encoder's process, so
-    they no longer take turns with it for one interpreter lock (reader_process_count says how
-    many are worth it). Spawned, not forked: the run's process has threads (Dagster's, zarr's
+    they no longer take turns with it for one interpreter lock (reader_process_count says when
+    a run uses them). Spawned, not forked: the run's process has threads (Dagster's, zarr's
     event loop) that a fork would copy in whatever state they are in. Each process costs about
     a second to start; use it as a context manager (it shuts the processes down). A process
     that dies (killed, out of memory) fails every comic still to be read with it."""

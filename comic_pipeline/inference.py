@@ -36,13 +36,6 @@ def resolve_device(spec: str = "auto") -> tuple[torch.device, torch.dtype | None
     return device, None
 
 
-def encoder_cpu_threads(spec: str = "auto") -> int:
-    """The CPU cores the encoder keeps busy on device `spec`: torch's intra-op threads on a CPU,
-    the one thread that drives a GPU."""
-    device, _ = resolve_device(spec)
-    return 1 if device.type == "cuda" else torch.get_num_threads()
-
-
 def configure_cpu_threads(threads: int | None = None) -> int:
     """Set torch's intra-op CPU threads to `threads`, or else cap them at the cores this process
     may run on (torch's default counts the machine's cores, not the container's). A caller that

@@ -4,7 +4,7 @@
 import contextlib
 import os
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 import dagster as dg
 from pydantic import Field
@@ -45,14 +45,13 @@ def comics_per_embedding_run(environ: Mapping[str, str] | None = None) -> int:
 
 class EmbeddingConfig(dg.Config):
     batch_pages: int = Field(default=256, description="Pages per model batch (across comics).")
-    reader_processes: Optional[int] = Field(
-        default=None, ge=0,
+    reader_processes: int = Field(
+        default=0, ge=0,
         description="Processes that read, check and hash the run's Stage 3 comics, off the "
-        "encoder's process. Unset: none for a run of fewer than "
-        f"{embedding_pipeline.MIN_COMICS_FOR_READER_PROCESSES} comics (each takes about a second to "
-        "start), else one per core the encoder leaves free (torch's CPU threads on a CPU device, "
-        f"one for a GPU), at most {embedding_pipeline.MAX_READER_PROCESSES}. 0: reader threads in "
-        "the run's process only.")
+        "encoder's process (0: reader threads in the run's process). A run of fewer than "
+        f"{embedding_pipeline.MIN_COMICS_FOR_READER_PROCESSES} comics reads in threads anyway (a "
+        "process takes about a second to start). Off by default: on 2 CPU cores they made no "
+        "consistent difference; measure on a GPU node (bench_embeddings.py --reader-processes N).")
 
 
 @dg.asset(
@@ -111,9 +110,7 @@ def contextualized_embeddings(
         failed[comic.comic_id] = f"{type(error).__name__}: {error}"
         context.log.error(f"{comic.comic_id}: not embedded: {error}")
 
-    # the cores the encoder keeps busy: torch's CPU threads, or the one thread driving a GPU
-    encoder_threads = inference.encoder_cpu_threads(device)
-    n_processes = embedding_pipeline.reader_process_count(config.reader_processes, len(wanted), encoder_threads)
+    n_processes = embedding_pipeline.reader_process_count(config.reader_processes, len(wanted))
     with contextlib.ExitStack() as closing:
         processes = (closing.enter_context(embedding_pipeline.reader_processes(n_processes))
                      if n_processes else None)

@@ -225,14 +225,12 @@ def test_embedding_runs_are_sized_by_the_code_locations_environment():
             comics_per_embedding_run({RUN_COMICS_ENV: bad})
 
 
-def test_an_embedding_run_reads_in_processes_only_when_it_is_worth_their_start():
+def test_an_embedding_run_reads_in_processes_only_when_asked_and_worth_their_start():
     from comic_pipeline.defs.embeddings import EmbeddingConfig
     from comic_pipeline.embedding_pipeline import MIN_COMICS_FOR_READER_PROCESSES as FEW, reader_process_count
 
-    assert reader_process_count(None, FEW - 1, 1, cores=16) == 0  # a sensor's run of a new comic: threads
-    # one per core the encoder leaves free, at most 4
-    assert [reader_process_count(None, 1000, 1, cores=cores) for cores in (1, 2, 4, 8, 64)] == [0, 1, 3, 4, 4]
-    assert [reader_process_count(None, 1000, threads, cores=4) for threads in (1, 2, 3, 4, 8)] == [3, 2, 1, 0, 0]
-    assert reader_process_count(0, 1000, 1, cores=16) == 0 and reader_process_count(3, 1, 2, cores=2) == 3  # as set
+    assert EmbeddingConfig().reader_processes == 0  # off unless asked for
+    assert [reader_process_count(configured, 1000) for configured in (None, 0, 1, 3)] == [0, 0, 1, 3]
+    assert reader_process_count(3, FEW - 1) == 0 and reader_process_count(3, FEW) == 3  # a small run: threads
     with pytest.raises(ValueError, match="reader_processes"):
         EmbeddingConfig(reader_processes=-1)
