@@ -143,9 +143,8 @@ def _load_in_reader_process(store_url: str, metadata_url: str | None, comic_id: 
     store = _OPENED_STORES.get((store_url, metadata_url))
     if store is None:  # opened once per process; comic() relists for comics added since
         store = _OPENED_STORES[(store_url, metadata_url)] = Stage3Store.open(store_url, metadata_url)
-    reader = store.comic(comic_id)
-    comic = ComicInput(comic_id, list(reader.page_ids), None, load=None, name=reader.name)
-    features = _read_features(comic, reader, modalities, pinned_hash)
+    comic = ComicInput.from_store(store, comic_id, modalities, pinned_hash)  # load() as a reader thread runs it
+    features = comic.load()
     return comic.page_ids, comic.content_hash, features
 
 

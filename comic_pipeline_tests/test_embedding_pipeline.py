@@ -204,14 +204,20 @@ def test_with_on_comic_failed_a_bad_comic_is_left_out_and_the_others_written(tmp
 
 
 # --- Stage 3 input ----------------------------------------------------------------------------
-def test_comic_input_from_stage3_reader(tmp_path):
+def native_stage3(tmp_path, sizes: dict[str, int]) -> store.Stage3Store:
+    """A native Stage 3 store at tmp_path/stage3.zarr holding fused features_of(comic, pages, i)
+    of the i-th comic of `sizes` ({comic: pages})."""
     stage3_url = str(tmp_path / "stage3.zarr")
     store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
-    for seed, (comic_id, n_pages) in enumerate({"k1": 3, "k2": 4}.items()):
+    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
         features = features_of(comic_id, n_pages, seed)
         store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
                                  arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
-    stage3 = store.Stage3Store.open(stage3_url)
+    return store.Stage3Store.open(stage3_url)
+
+
+def test_comic_input_from_stage3_reader(tmp_path):
+    stage3 = native_stage3(tmp_path, {"k1": 3, "k2": 4})
     inputs = [ep.ComicInput.from_reader(stage3.comic(comic_id)) for comic_id in stage3.comic_ids()]
     assert [c.content_hash for c in inputs] == [None, None]  # nothing read yet
     out_url = str(tmp_path / "ctx.zarr")
@@ -237,14 +243,8 @@ def test_inputs_from_a_store_open_their_comics_in_the_reader_threads(tmp_path, m
     alone."""
     import threading
 
-    stage3_url = str(tmp_path / "stage3.zarr")
-    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
     sizes = {"k1": 3, "k2": 4, "k3": 2, "k4": 5}
-    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
-        features = features_of(comic_id, n_pages, seed)
-        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
-                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
-    stage3 = store.Stage3Store.open(stage3_url)
+    stage3 = native_stage3(tmp_path, sizes)
     opened_by: dict[str, str] = {}
     real_comic = store.Stage3Store.comic
 
@@ -271,7 +271,7 @@ def test_inputs_from_a_store_open_their_comics_in_the_reader_threads(tmp_path, m
     assert set(opened_by) == set(sizes) and all(name.startswith("comic-reader") for name in opened_by.values())
     ctx = es.ContextualizedStore.open(out_url)
     for seed, comic_id in ((0, "k1"), (1, "k2"), (3, "k4")):
-        reader = real_comic(store.Stage3Store.open(stage3_url), comic_id)
+        reader = real_comic(store.Stage3Store.open(stage3.url), comic_id)
         assert ctx.attrs(comic_id)["page_ids"] == reader.page_ids  # set by load()
         assert ctx.attrs(comic_id)["stage3_content_hash"] == reader.validate().content_hash
         expected_panels, _ = fake_encode(features_of(comic_id, sizes[comic_id], seed))
@@ -283,14 +283,8 @@ def test_reader_processes_read_check_and_hash_as_the_threads_do(tmp_path):
     """The same run with a reader process writes the same comics, stamps the same content hashes
     and page ids, and a comic that fails there (changed since its pin, broken group) fails alone
     with its own error."""
-    stage3_url = str(tmp_path / "stage3.zarr")
-    store.create_native_store(stage3_url, dim=D_IN, max_panels=P)
     sizes = {"k1": 3, "k2": 4, "k3": 2, "k4": 5}
-    for seed, (comic_id, n_pages) in enumerate(sizes.items()):
-        features = features_of(comic_id, n_pages, seed)
-        store.write_native_comic(stage3_url, comic_id, page_ids=list(features.page_ids), title=comic_id,
-                                 arrays={"panel_embeddings": features.fused, "panel_mask": features.panel_mask})
-    stage3 = store.Stage3Store.open(stage3_url)
+    stage3 = native_stage3(tmp_path, sizes)
     pins = {key: stage3.comic(key).validate().content_hash for key in sizes}
     pins["k2"] = "0" * 64  # as if Stage 3 rewrote k2 after its validation
     document_path = tmp_path / "stage3.zarr" / "comics" / "k3" / "zarr.json"
